@@ -1,0 +1,3 @@
+from funnelqa.cli import main
+
+main()

@@ -1,0 +1,142 @@
+"""Model backends: one small protocol, batch in and batch out.
+
+A backend is chosen by a spec string such as ``gemini:gemini-2.0-flash``, ``hf:PATH+ADAPTER``,
+``openai:MODEL@BASE_URL``, ``local`` or ``fake:SCRIPT``. The registry maps the prefix to
+``module:Class`` and imports lazily, so ``funnelqa --help`` never pulls in torch. Stages only
+call ``generate``; they never look at which backend they hold.
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from funnelqa.errors import UsageError
+
+REGISTRY: dict[str, str] = {
+    "gemini": "funnelqa.backends.gemini:GeminiBackend",
+    "openai": "funnelqa.backends.openai_compat:OpenAIBackend",
+    "hf": "funnelqa.backends.hf:HFBackend",
+    "local": "funnelqa.backends.local:LocalBackend",
+    "fake": "funnelqa.backends.fake:FakeBackend",
+}
+
+
+@dataclass(frozen=True)
+class Request:
+    """One chat completion: messages plus the options that change the answer."""
+
+    messages: tuple[dict[str, str], ...]
+    max_tokens: int = 512
+    temperature: float = 0.0
+    seed: int = 0
+    json_schema: dict[str, Any] | None = field(default=None, hash=False)
+
+    @classmethod
+    def chat(cls, system: str | None, user: str, **options: Any) -> Request:
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+        return cls(messages=tuple(messages), **options)
+
+    def payload(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["messages"] = [dict(m) for m in self.messages]
+        return data
+
+
+@dataclass
+class BackendOptions:
+    """Knobs a backend may use; each takes the ones that mean something to it."""
+
+    concurrency: int = 8
+    timeout: float = 60.0
+    max_retries: int = 5
+    batch_size: int = 16
+    device: str | None = None
+    dtype: str | None = None
+
+
+class Backend(ABC):
+    spec: str = ""
+    # How many requests a stage should hand over at once: large enough to keep the model busy,
+    # small enough that a crash loses little (answers are cached per batch).
+    batch_size: int = 16
+
+    @property
+    def cache_id(self) -> str:
+        """Identity of the model for the cache: two backends with the same id answer alike."""
+        return self.spec
+
+    @abstractmethod
+    def generate(self, requests: Sequence[Request]) -> list[str]:
+        """Answer every request, in order."""
+
+    def close(self) -> None:
+        pass
+
+
+def parse_spec(spec: str) -> tuple[str, str]:
+    name, _, arg = spec.partition(":")
+    if name not in REGISTRY:
+        known = ", ".join(f"{key}:..." for key in REGISTRY)
+        raise UsageError(f"unknown model spec {spec!r}; use one of {known}")
+    return name, arg
+
+
+def load_backend(spec: str, options: BackendOptions | None = None) -> Backend:
+    name, arg = parse_spec(spec)
+    module_name, _, class_name = REGISTRY[name].partition(":")
+    cls = getattr(importlib.import_module(module_name), class_name)
+    backend = cls.from_spec(arg, options or BackendOptions())
+    backend.spec = spec
+    return backend
+
+
+class CachedBackend(Backend):
+    """Serves repeated requests from the on-disk cache and stores new answers batch by batch."""
+
+    def __init__(self, inner: Backend, cache):
+        self.inner = inner
+        self.cache = cache
+        self.spec = inner.spec
+        self.batch_size = inner.batch_size
+        self.calls = 0
+        self.hits = 0
+
+    @property
+    def cache_id(self) -> str:
+        return self.inner.cache_id
+
+    def generate(self, requests: Sequence[Request]) -> list[str]:
+        from funnelqa.cache import cache_key
+
+        keys = [cache_key(self.inner.cache_id, r.payload()) for r in requests]
+        found = self.cache.get_many(keys)
+        missing = [i for i, key in enumerate(keys) if key not in found]
+        self.hits += len(requests) - len(missing)
+        # Identical requests in one batch are asked once.
+        unique: dict[str, int] = {}
+        for i in missing:
+            unique.setdefault(keys[i], i)
+        for start in range(0, len(unique), max(1, self.inner.batch_size)):
+            chunk = list(unique.items())[start : start + max(1, self.inner.batch_size)]
+            answers = self.inner.generate([requests[i] for _, i in chunk])
+            self.calls += len(chunk)
+            self.cache.put_many(self.inner.cache_id, [(key, a) for (key, _), a in zip(chunk, answers)])
+            found.update({key: a for (key, _), a in zip(chunk, answers)})
+        return [found[key] for key in keys]
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def open_backend(spec: str, options: BackendOptions | None = None, *, use_cache: bool = True, cache_path=None) -> Backend:
+    """Load a backend by spec, wrapped in the shared on-disk cache unless told otherwise."""
+    backend = load_backend(spec, options)
+    if not use_cache:
+        return backend
+    from funnelqa.cache import LLMCache
+
+    return CachedBackend(backend, LLMCache(cache_path))

@@ -1,0 +1,80 @@
+"""A scripted backend for tests and dry runs: no model, fully predictable answers.
+
+``fake:SCRIPT.json`` reads a list of rules, tried in order against the whole prompt text:
+``{"contains": "text", "response": "answer"}`` always gives the same answer;
+``{"contains": "text", "responses": ["a", "b"]}`` gives them in turn (a queue, last one repeats).
+A rule without ``contains`` matches everything; an answer that is not a string is sent as JSON.
+In Python, ``FakeBackend(responder)`` takes a function of the Request instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from funnelqa.backends import Backend, BackendOptions, Request
+from funnelqa.errors import BackendError, BackendUnavailable
+
+
+def prompt_text(request: Request) -> str:
+    return "\n".join(m["content"] for m in request.messages)
+
+
+def _as_text(answer: Any) -> str:
+    return answer if isinstance(answer, str) else json.dumps(answer, ensure_ascii=False)
+
+
+class FakeBackend(Backend):
+    def __init__(self, responder: Callable[[Request], str], name: str = "fake", identity: str | None = None):
+        self.responder = responder
+        self.spec = name
+        # A script's answers are fixed by its content; a Python responder is known only to this object.
+        self._identity = identity or uuid.uuid4().hex
+        self.requests: list[Request] = []  # every request seen, for tests to inspect
+        self.batches: list[int] = []
+
+    @classmethod
+    def from_spec(cls, arg: str, options: BackendOptions) -> FakeBackend:
+        if not arg:
+            raise BackendUnavailable("the fake backend needs a script: fake:PATH/TO/rules.json")
+        path = Path(arg)
+        try:
+            text = path.read_text(encoding="utf-8")
+            rules = json.loads(text)
+        except FileNotFoundError:
+            raise BackendUnavailable(f"fake backend script not found: {path}") from None
+        except json.JSONDecodeError as exc:
+            raise BackendUnavailable(f"fake backend script {path} is not valid JSON: {exc}") from None
+        return cls(scripted(rules), name=f"fake:{path}", identity=hashlib.sha256(text.encode()).hexdigest()[:16])
+
+    @property
+    def cache_id(self) -> str:
+        return f"fake#{self._identity}"
+
+    def generate(self, requests: Sequence[Request]) -> list[str]:
+        self.requests.extend(requests)
+        self.batches.append(len(requests))
+        return [self.responder(r) for r in requests]
+
+
+def scripted(rules: list[dict[str, Any]]) -> Callable[[Request], str]:
+    if not isinstance(rules, list):
+        raise BackendUnavailable("a fake backend script is a JSON list of rules")
+    queues = [list(rule.get("responses", [])) for rule in rules]
+
+    def respond(request: Request) -> str:
+        text = prompt_text(request)
+        for rule, queue in zip(rules, queues):
+            if rule.get("contains", "") not in text:
+                continue
+            if "response" in rule:
+                return _as_text(rule["response"])
+            if queue:
+                return _as_text(queue.pop(0) if len(queue) > 1 else queue[0])
+        raise BackendError(f"fake backend: no rule matches the prompt starting {text[:80]!r}")
+
+    return respond

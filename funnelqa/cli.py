@@ -1,0 +1,47 @@
+"""The ``funnelqa`` command: a thin layer of subcommands over the library.
+
+Each subcommand lives in ``funnelqa/commands/``, parses its options, and calls one library
+function. Heavy imports (torch, transformers, google-genai) happen inside those functions, so
+``funnelqa --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from funnelqa import __version__
+from funnelqa.commands import corrupt, forward, score, simulate, train
+
+app = typer.Typer(
+    name="funnelqa",
+    help=(
+        "Teach language models to ask good clarifying questions.\n\n"
+        "Pipeline: structure | rank | generate-questions > forward.jsonl; corrupt; "
+        "train-questioner / train-simulator; simulate; score. Every stage reads JSONL from a "
+        "path or '-' and writes JSONL to stdout (or --out)."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+)
+
+for module in (forward, corrupt, train, simulate, score):
+    module.register(app)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"funnelqa {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version and exit."),
+) -> None:
+    pass
+
+
+def main() -> None:
+    app()

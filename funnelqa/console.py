@@ -1,0 +1,24 @@
+"""Everything meant for people goes to stderr; stdout carries JSONL only."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+stderr = Console(stderr=True)
+
+
+def progress(**kwargs) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=stderr,
+        # A log file or CI output should get the one-line summaries, not a frozen bar.
+        disable=not stderr.is_terminal,
+        transient=False,
+        **kwargs,
+    )

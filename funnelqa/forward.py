@@ -1,0 +1,270 @@
+"""The forward process, LLM part (paper Sec. 3.2, Algorithm 1 lines 1-3).
+
+``structure``: text profile -> JSON tags (JP^u). ``rank``: tags reordered general -> specific.
+``generate-questions``: funnel questions with answers and the tags each reveals (the mapping T_i).
+
+One engine runs all three: batch the records, ask the backend, validate each answer against the
+record contract, and ask again with the reason when an answer is malformed or unfaithful. A record
+that still fails is written with an ``error`` field and counted, never dropped.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from funnelqa import records
+from funnelqa.backends import Backend, Request
+from funnelqa.prompts import load
+from funnelqa.records import Record
+from funnelqa.render import extract_json, format_tags, match_tags
+
+TAGS_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "tags": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {"tag": {"type": "string"}, "content": {"type": "string"}},
+                "required": ["tag", "content"],
+            },
+        }
+    },
+    "required": ["tags"],
+}
+RANKING_SCHEMA = {
+    "type": "object",
+    "properties": {"ranking": {"type": "array", "items": {"type": "string"}}},
+    "required": ["ranking"],
+}
+QUESTIONS_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "questions": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "question": {"type": "string"},
+                    "answer": {"type": "string"},
+                    "tags": {"type": "array", "items": {"type": "string"}},
+                },
+                "required": ["question", "answer", "tags"],
+            },
+        }
+    },
+    "required": ["questions"],
+}
+
+
+class InvalidOutput(ValueError):
+    """The model answered, but not with something the contract accepts."""
+
+
+def _fill(template: str, **values: str) -> str:
+    # str.format would trip over the JSON braces the prompts show the model.
+    for key, value in values.items():
+        template = template.replace("{" + key + "}", value)
+    return template
+
+
+def _field(data: Any, key: str) -> Any:
+    if isinstance(data, dict) and key in data:
+        return data[key]
+    if isinstance(data, list):
+        return data  # small models often drop the wrapper object
+    raise InvalidOutput(f"expected a JSON object with {key!r}")
+
+
+# ---- structure ----
+
+def structure_request(record: Record, max_tokens: int) -> Request:
+    return Request.chat(None, _fill(load("structure"), profile=record["profile"].strip()),
+                        max_tokens=max_tokens, json_schema=TAGS_SCHEMA)
+
+
+def accept_structure(record: Record, text: str) -> Record:
+    raw = _field(extract_json(text), "tags")
+    if isinstance(raw, dict):  # {"Genre": "...", ...} is a fair reading of "tags"
+        raw = [{"tag": k, "content": v} for k, v in raw.items()]
+    if not isinstance(raw, list) or not raw:
+        raise InvalidOutput("'tags' must be a non-empty list")
+    tags: list[dict[str, str]] = []
+    for item in raw:
+        if not isinstance(item, dict) or not str(item.get("tag", "")).strip() or not str(item.get("content", "")).strip():
+            raise InvalidOutput(f"every tag needs a non-empty 'tag' and 'content', got {item!r:.120}")
+        name = str(item["tag"]).strip()
+        if any(t["tag"].lower() == name.lower() for t in tags):
+            raise InvalidOutput(f"tag {name!r} appears twice; merge its contents into one tag")
+        tags.append({"tag": name, "content": str(item["content"]).strip()})
+    return {**record, "tags": tags}
+
+
+# ---- rank ----
+
+def rank_request(record: Record, max_tokens: int) -> Request:
+    return Request.chat(None, _fill(load("rank"), tags=format_tags(record["tags"])),
+                        max_tokens=max_tokens, json_schema=RANKING_SCHEMA)
+
+
+def accept_rank(record: Record, text: str) -> Record:
+    ranking = _field(extract_json(text), "ranking")
+    if not isinstance(ranking, list):
+        raise InvalidOutput("'ranking' must be a list of tag names")
+    names = [t["tag"] for t in record["tags"]]
+    order = match_tags(ranking, record["tags"])
+    unknown = [str(n) for n in ranking if not match_tags([n], record["tags"])]
+    if unknown:
+        raise InvalidOutput(f"the ranking names tags that do not exist: {unknown}")
+    missing = [n for n in names if n not in order]
+    if missing:
+        raise InvalidOutput(f"the ranking leaves out tags: {missing}")
+    by_name = {t["tag"]: t for t in record["tags"]}
+    return {**record, "tags": [by_name[n] for n in order]}
+
+
+# ---- generate-questions ----
+
+def questions_request(record: Record, max_tokens: int) -> Request:
+    listing = format_tags(record["tags"])
+    return Request.chat(None, _fill(load("generate_questions"), tags=listing),
+                        max_tokens=max_tokens, json_schema=QUESTIONS_SCHEMA)
+
+
+def accept_questions(record: Record, text: str) -> Record:
+    raw = _field(extract_json(text), "questions")
+    if not isinstance(raw, list) or not raw:
+        raise InvalidOutput("'questions' must be a non-empty list")
+    questions = []
+    for i, item in enumerate(raw):
+        if not isinstance(item, dict):
+            raise InvalidOutput(f"questions[{i}] must be an object")
+        question, answer = str(item.get("question", "")).strip(), str(item.get("answer", "")).strip()
+        if not question or not answer:
+            raise InvalidOutput(f"questions[{i}] needs a non-empty 'question' and 'answer'")
+        named = item.get("tags")
+        named = named if isinstance(named, list) else [named] if named else []
+        revealed = match_tags(named, record["tags"])
+        unknown = [str(n) for n in named if not match_tags([n], record["tags"])]
+        if unknown:
+            raise InvalidOutput(f"questions[{i}] maps to tags that do not exist: {unknown}")
+        if not revealed:
+            raise InvalidOutput(f"questions[{i}] reveals no tag; every question must name the tags it reveals")
+        questions.append({"question": question, "answer": answer, "tags": revealed})
+    covered = {name for q in questions for name in q["tags"]}
+    uncovered = [t["tag"] for t in record["tags"] if t["tag"] not in covered]
+    if uncovered:
+        raise InvalidOutput(f"no question reveals these tags: {uncovered}")
+    return {**record, "questions": questions}
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    needs: records.Validator
+    request: Callable[[Record, int], Request]
+    accept: Callable[[Record, str], Record]
+    max_tokens: int
+
+
+STAGES: dict[str, Stage] = {
+    "structure": Stage("structure", records.check_profile, structure_request, accept_structure, 1024),
+    "rank": Stage("rank", records.check_tags, rank_request, accept_rank, 512),
+    "generate-questions": Stage("generate-questions", records.check_tags, questions_request, accept_questions, 2048),
+}
+
+
+@dataclass
+class StageSummary:
+    stage: str
+    ok: int = 0
+    failed: int = 0
+    passed_through: int = 0
+    resumed: int = 0
+    retried: int = 0
+    invalid_input: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return self.ok + self.failed + self.passed_through + self.resumed
+
+
+def _retry_request(original: Request, output: str, reason: str) -> Request:
+    # Showing the model its own answer and what was wrong changes the prompt, so even a greedy
+    # model answers differently, and the cache keeps each attempt apart.
+    messages = original.messages + (
+        {"role": "assistant", "content": output},
+        {"role": "user", "content": f"That reply is not valid: {reason}. Reply again with the corrected JSON only."},
+    )
+    return Request(messages=messages, max_tokens=original.max_tokens, temperature=original.temperature,
+                   seed=original.seed, json_schema=original.json_schema)
+
+
+def process_batch(stage: Stage, batch: list[Record], backend: Backend, retries: int,
+                  summary: StageSummary, max_tokens: int | None = None) -> list[Record]:
+    """Run one batch through the model, retrying invalid answers; outputs in input order."""
+    results: list[Record | None] = [None] * len(batch)
+    pending = {i: stage.request(record, max_tokens or stage.max_tokens) for i, record in enumerate(batch)}
+    last: dict[int, tuple[str, str]] = {}
+    for attempt in range(retries + 1):
+        if not pending:
+            break
+        if attempt:
+            summary.retried += len(pending)
+        order = list(pending)
+        answers = backend.generate([pending[i] for i in order])
+        retry: dict[int, Request] = {}
+        for i, text in zip(order, answers):
+            try:
+                results[i] = stage.accept(batch[i], text)
+            except (InvalidOutput, ValueError) as exc:
+                last[i] = (text, str(exc))
+                retry[i] = _retry_request(pending[i], text, str(exc))
+        pending = retry
+    for i in pending:
+        text, reason = last[i]
+        results[i] = {**batch[i], "error": {"stage": stage.name, "message": f"{reason} (after {retries + 1} attempts)",
+                                            "output": text[:4000]}}
+        summary.failed += 1
+    summary.ok += len(batch) - len(pending)
+    return [r for r in results if r is not None]
+
+
+def _batches(items: Iterable[Record], size: int) -> Iterator[list[Record]]:
+    iterator = iter(items)
+    while chunk := list(itertools.islice(iterator, size)):
+        yield chunk
+
+
+def run_stage(
+    stage: Stage,
+    inputs: Iterable[Record],
+    backend: Backend,
+    writer: records.RecordWriter,
+    *,
+    retries: int = 2,
+    batch_size: int | None = None,
+    max_tokens: int | None = None,
+    on_progress: Callable[[int], None] | None = None,
+) -> StageSummary:
+    """Stream ``inputs`` through ``stage``; every input comes out as exactly one record."""
+    summary = StageSummary(stage.name)
+    size = batch_size or backend.batch_size
+    for chunk in _batches(inputs, size):
+        todo = []
+        for record in chunk:
+            if writer.is_done(record):
+                summary.resumed += 1
+            elif "error" in record:
+                writer.write(record)
+                summary.passed_through += 1
+            else:
+                todo.append(record)
+        if todo:
+            writer.write_many(process_batch(stage, todo, backend, retries, summary, max_tokens))
+        if on_progress:
+            on_progress(len(chunk))
+    return summary
