@@ -5,7 +5,8 @@ from __future__ import annotations
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-stderr = Console(stderr=True)
+# soft_wrap: a summary line stays one line in logs, whatever the width.
+stderr = Console(stderr=True, soft_wrap=True)
 
 
 def progress(**kwargs) -> Progress:
