@@ -130,6 +130,7 @@ class CachedBackend(Backend):
 
     def close(self) -> None:
         self.inner.close()
+        self.cache.close()
 
 
 def open_backend(spec: str, options: BackendOptions | None = None, *, use_cache: bool = True, cache_path=None) -> Backend:

@@ -1,0 +1,154 @@
+"""``gemini:MODEL`` — Google's Gemini API through the official google-genai client.
+
+The key comes from GEMINI_API_KEY (or GOOGLE_API_KEY). FUNNELQA_GEMINI_BASE_URL points the client
+at another endpoint, which is how the tests reach their loopback server. The client's own retries
+are off: retries, backoff and concurrency are the shared policy of ``http_retry``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any
+
+import httpx
+import pydantic
+from google import genai
+from google.genai import errors as genai_errors
+from google.genai import types
+
+from funnelqa.backends import BackendOptions, Request
+from funnelqa.backends.http_retry import (
+    HTTPBackend,
+    RetryableFailure,
+    failure_for_status,
+    make_http_client,
+    transport_failure,
+)
+from funnelqa.errors import BackendUnavailable, UsageError
+
+BASE_URL_ENV = "FUNNELQA_GEMINI_BASE_URL"
+KEY_ENVS = ("GEMINI_API_KEY", "GOOGLE_API_KEY")
+DEFAULT_BASE_URL = "https://generativelanguage.googleapis.com"
+_ROLES = {"user": "user", "assistant": "model"}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)s\s*$")
+
+
+def retry_delay_hint(error_details: Any) -> float | None:
+    """Seconds from the ``google.rpc.RetryInfo`` that the API attaches to a 429, if any."""
+    error = error_details.get("error", error_details) if isinstance(error_details, dict) else {}
+    for detail in error.get("details") or []:
+        if isinstance(detail, dict) and detail.get("@type", "").endswith("google.rpc.RetryInfo"):
+            match = _DURATION.match(str(detail.get("retryDelay", "")))
+            if match:
+                return float(match.group(1))
+    return None
+
+
+def answer_text(response: Any) -> str:
+    """The text of the first candidate. A blocked prompt or an empty candidate gives ""; callers validate."""
+    if not response.candidates:
+        return ""
+    content = response.candidates[0].content
+    if content is None or not content.parts:
+        return ""
+    return "".join(part.text for part in content.parts if part.text and not part.thought)
+
+
+class GeminiBackend(HTTPBackend):
+    def __init__(
+        self,
+        model: str,
+        api_key: str,
+        *,
+        base_url: str = DEFAULT_BASE_URL,
+        timeout: float = 60.0,
+        concurrency: int = 8,
+        max_retries: int = 5,
+    ):
+        super().__init__(
+            label=f"gemini:{model}", base_url=base_url, concurrency=concurrency, timeout=timeout, max_retries=max_retries
+        )
+        self.model = model
+        # Our own httpx client: its pool fits our worker count, and its exceptions are the httpx
+        # ones that http_retry classifies (google-genai would otherwise pick httpx2 when present).
+        self._http = make_http_client(timeout, self.concurrency)
+        self.client = genai.Client(
+            api_key=api_key,
+            vertexai=False,
+            http_options=types.HttpOptions(
+                base_url=base_url,
+                timeout=max(1, round(timeout * 1000)),  # milliseconds
+                retry_options=types.HttpRetryOptions(attempts=1),
+                httpx_client=self._http,
+            ),
+        )
+
+    @classmethod
+    def from_spec(cls, arg: str, options: BackendOptions) -> GeminiBackend:
+        if not arg:
+            raise UsageError("the gemini backend needs a model name, e.g. gemini:gemini-2.0-flash")
+        api_key = next((os.environ[name] for name in KEY_ENVS if os.environ.get(name)), None)
+        if not api_key:
+            raise BackendUnavailable(
+                "no Gemini API key: export GEMINI_API_KEY=... (or GOOGLE_API_KEY); get one at https://aistudio.google.com/apikey"
+            )
+        return cls(
+            arg,
+            api_key,
+            base_url=os.environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL,
+            timeout=options.timeout,
+            concurrency=options.concurrency,
+            max_retries=options.max_retries,
+        )
+
+    def _contents_and_config(self, request: Request) -> tuple[list[Any], Any]:
+        system_parts = [m["content"] for m in request.messages if m["role"] == "system"]
+        contents = []
+        for message in request.messages:
+            if message["role"] == "system":
+                continue
+            role = _ROLES.get(message["role"])
+            if role is None:
+                raise UsageError(f"{self.label}: unknown message role {message['role']!r}; use system, user or assistant")
+            contents.append(types.Content(role=role, parts=[types.Part(text=message["content"])]))
+        config = types.GenerateContentConfig(
+            system_instruction="\n\n".join(system_parts) or None,
+            temperature=request.temperature,
+            max_output_tokens=request.max_tokens,
+            seed=request.seed,
+        )
+        if request.json_schema is not None:
+            # response_json_schema takes plain JSON Schema; response_schema would want Google's
+            # OpenAPI subset and reject keywords such as additionalProperties.
+            config.response_mime_type = "application/json"
+            config.response_json_schema = request.json_schema
+        return contents, config
+
+    def call_once(self, request: Request) -> str:
+        contents, config = self._contents_and_config(request)
+        try:
+            response = self.client.models.generate_content(model=self.model, contents=contents, config=config)
+        except genai_errors.APIError as exc:
+            raise failure_for_status(
+                self.label,
+                exc.code,
+                f"{exc.status or ''} {exc.message or ''}",
+                retry_after=retry_delay_hint(exc.details),
+                auth_hint="check GEMINI_API_KEY",
+            ) from exc
+        except (genai_errors.UnknownApiResponseError, json.JSONDecodeError) as exc:
+            raise RetryableFailure("the answer body is not JSON") from exc
+        except pydantic.ValidationError as exc:
+            raise RetryableFailure("the answer body does not have the generateContent shape") from exc
+        except httpx.TransportError as exc:
+            raise transport_failure(exc, self.timeout) from exc
+        if response.candidates is None and response.prompt_feedback is None:
+            # The API always sends one or the other (promptFeedback when it blocks the prompt).
+            raise RetryableFailure("the answer has neither candidates nor promptFeedback")
+        return answer_text(response)
+
+    def close(self) -> None:
+        self.client.close()
+        self._http.close()

@@ -1,0 +1,126 @@
+"""``openai:MODEL@BASE_URL`` — any server that speaks OpenAI's chat completions (vLLM, llama.cpp, Ollama...).
+
+``POST {BASE_URL}/chat/completions`` with httpx; an optional key from OPENAI_API_KEY is sent as a
+Bearer token. Retries, backoff and concurrency are the shared policy of ``http_retry``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import httpx
+
+from funnelqa.backends import BackendOptions, Request
+from funnelqa.backends.http_retry import (
+    HTTPBackend,
+    RetryableFailure,
+    failure_for_status,
+    make_http_client,
+    parse_retry_after,
+    transport_failure,
+)
+from funnelqa.errors import UsageError
+
+KEY_ENV = "OPENAI_API_KEY"
+SPEC_FORM = "openai:MODEL@BASE_URL, e.g. openai:qwen2.5-7b-instruct@http://localhost:8000/v1"
+
+
+def chat_payload(model: str, request: Request) -> dict[str, Any]:
+    payload: dict[str, Any] = {
+        "model": model,
+        "messages": [{"role": m["role"], "content": m["content"]} for m in request.messages],
+        "max_tokens": request.max_tokens,
+        "temperature": request.temperature,
+        "seed": request.seed,
+    }
+    if request.json_schema is not None:
+        payload["response_format"] = {
+            "type": "json_schema",
+            "json_schema": {"name": "answer", "schema": request.json_schema},
+        }
+    return payload
+
+
+def error_message(response: httpx.Response) -> str:
+    """The server's own words: OpenAI and llama.cpp nest them under "error", vLLM puts them on top."""
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text
+    if isinstance(body, dict):
+        error = body.get("error")
+        if isinstance(error, dict) and error.get("message"):
+            return str(error["message"])
+        if isinstance(error, str):
+            return error
+        if body.get("message"):
+            return str(body["message"])
+    return response.text
+
+
+class OpenAIBackend(HTTPBackend):
+    def __init__(
+        self,
+        model: str,
+        base_url: str,
+        *,
+        api_key: str | None = None,
+        timeout: float = 60.0,
+        concurrency: int = 8,
+        max_retries: int = 5,
+    ):
+        base_url = base_url.rstrip("/")
+        super().__init__(
+            label=f"openai:{model}@{base_url}",
+            base_url=base_url,
+            concurrency=concurrency,
+            timeout=timeout,
+            max_retries=max_retries,
+        )
+        self.model = model
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http = make_http_client(timeout, self.concurrency, headers=headers)
+        self._url = f"{base_url}/chat/completions"
+
+    @classmethod
+    def from_spec(cls, arg: str, options: BackendOptions) -> OpenAIBackend:
+        model, _, base_url = arg.partition("@")
+        if not model or not base_url:
+            raise UsageError(f"an OpenAI-compatible backend is written {SPEC_FORM}")
+        if not base_url.startswith(("http://", "https://")):
+            raise UsageError(f"the base URL {base_url!r} must start with http:// or https://; write {SPEC_FORM}")
+        return cls(
+            model,
+            base_url,
+            api_key=os.environ.get(KEY_ENV) or None,
+            timeout=options.timeout,
+            concurrency=options.concurrency,
+            max_retries=options.max_retries,
+        )
+
+    def call_once(self, request: Request) -> str:
+        try:
+            response = self._http.post(self._url, json=chat_payload(self.model, request))
+        except httpx.TransportError as exc:
+            raise transport_failure(exc, self.timeout) from exc
+        if response.status_code != 200:
+            raise failure_for_status(
+                self.label,
+                response.status_code,
+                error_message(response),
+                retry_after=parse_retry_after(response.headers.get("Retry-After")),
+                auth_hint=f"check {KEY_ENV}",
+            )
+        try:
+            message = response.json()["choices"][0]["message"]
+        except (json.JSONDecodeError, KeyError, IndexError, TypeError) as exc:
+            raise RetryableFailure("the answer body is not a chat completion") from exc
+        if not isinstance(message, dict) or not isinstance(message.get("content"), (str, type(None))):
+            raise RetryableFailure("the answer's message is not a chat message with text")
+        # A refusal or a tool call leaves no content; like an empty answer, the caller validates it.
+        return message.get("content") or ""
+
+    def close(self) -> None:
+        self._http.close()
