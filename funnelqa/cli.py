@@ -7,17 +7,19 @@ function. Heavy imports (torch, transformers, google-genai) happen inside those 
 
 from __future__ import annotations
 
+import os
+
 import typer
 
 from funnelqa import __version__
-from funnelqa.commands import corrupt, forward, score, simulate, train
+from funnelqa.commands import corrupt, experiment, forward, score, simulate, train
 
 app = typer.Typer(
     name="funnelqa",
     help=(
         "Teach language models to ask good clarifying questions.\n\n"
         "Pipeline: structure | rank | generate-questions > forward.jsonl; corrupt; "
-        "train-questioner / train-simulator; simulate; score. Every stage reads JSONL from a "
+        "train-questioner / train-simulator; simulate; score; or all of it with experiment. Every stage reads JSONL from a "
         "path or '-' and writes JSONL to stdout (or --out)."
     ),
     no_args_is_help=True,
@@ -26,7 +28,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-for module in (forward, corrupt, train, simulate, score):
+for module in (forward, corrupt, train, simulate, score, experiment):
     module.register(app)
 
 
@@ -44,4 +46,7 @@ def _root(
 
 
 def main() -> None:
+    # Busy-waiting OpenMP threads starve each other on small machines; passive waits made CPU
+    # generation several times faster here. It must be set before torch is imported.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     app()

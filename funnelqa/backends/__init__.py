@@ -79,6 +79,9 @@ class Backend(ABC):
 
 def parse_spec(spec: str) -> tuple[str, str]:
     name, _, arg = spec.partition(":")
+    if "+" in name:  # local+ADAPTER: the adapter follows the name directly, with no ':'
+        name, _, adapter = name.partition("+")
+        arg = "+" + adapter + (":" + arg if arg else "")
     if name not in REGISTRY:
         known = ", ".join(f"{key}:..." for key in REGISTRY)
         raise UsageError(f"unknown model spec {spec!r}; use one of {known}")
