@@ -1,0 +1,112 @@
+"""Who asks the questions in a simulated interview (Algorithm 2, line 4).
+
+A questioner looks at the interviews still running and proposes one question for each, all at
+once, so an LLM questioner answers the whole turn in one batched ``generate`` call. Two
+reference questioners need no model: ``oracle`` asks the record's own funnel questions in their
+order (the ceiling a learned questioner aims for) and ``oracle-shuffled`` asks the same
+questions in a random order (what the funnel order itself is worth).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from funnelqa import render
+from funnelqa.backends import Backend, Request
+from funnelqa.errors import UsageError
+
+if TYPE_CHECKING:
+    from funnelqa.simulate import Interview
+
+ORACLE = "oracle"
+ORACLE_SHUFFLED = "oracle-shuffled"
+REFERENCE_QUESTIONERS = (ORACLE, ORACLE_SHUFFLED)
+
+# Funnel questions are one short sentence (under 90 characters in the MovieLens data); the
+# headroom lets an untrained model clear its throat before the question without being cut off.
+QUESTION_MAX_TOKENS = 64
+
+
+class Questioner(ABC):
+    spec: str = ""
+
+    @abstractmethod
+    def ask(self, interviews: Sequence[Interview]) -> list[str | None]:
+        """The next question for each interview; None when this questioner has nothing left to ask."""
+
+
+class LLMQuestioner(Questioner):
+    """Any backend as the questioner, prompted through the shared renderer (training == inference)."""
+
+    def __init__(self, backend: Backend, profile_form: str, max_tokens: int = QUESTION_MAX_TOKENS):
+        if profile_form not in render.PROFILE_FORMS:
+            raise UsageError(f"unknown profile form {profile_form!r}; use one of {', '.join(render.PROFILE_FORMS)}")
+        self.backend = backend
+        self.spec = backend.spec
+        self.profile_form = profile_form
+        self.max_tokens = max_tokens
+
+    def request(self, interview: Interview) -> Request:
+        messages = render.questioner_messages(interview.known(), interview.history(), self.profile_form)
+        return Request(messages=tuple(messages), max_tokens=self.max_tokens)
+
+    def ask(self, interviews: Sequence[Interview]) -> list[str | None]:
+        if not interviews:
+            return []
+        texts = self.backend.generate([self.request(interview) for interview in interviews])
+        return [render.parse_question(text) for text in texts]
+
+
+class OracleQuestioner(Questioner):
+    """Asks the record's funnel questions Q_0..Q_{n-1}; ``seed`` set: in a per-user random order."""
+
+    def __init__(self, seed: int | None = None):
+        self.seed = seed
+        self.spec = ORACLE if seed is None else ORACLE_SHUFFLED
+
+    def order(self, interview: Interview) -> list[int]:
+        indices = list(range(len(interview.record["questions"])))
+        if self.seed is not None:
+            # Seeded by user as well, so one user's order does not depend on who else is in the run.
+            random.Random(f"{self.seed}:{interview.record['id']}").shuffle(indices)
+        return indices
+
+    def ask(self, interviews: Sequence[Interview]) -> list[str | None]:
+        questions: list[str | None] = []
+        for interview in interviews:
+            order = self.order(interview)
+            asked = len(interview.turns)
+            questions.append(interview.record["questions"][order[asked]]["question"] if asked < len(order) else None)
+        return questions
+
+
+def open_questioner(spec: str, profile_form: str, open_model: Callable[[str], Backend], *, seed: int = 0) -> Questioner:
+    """``oracle``, ``oracle-shuffled``, or a model spec opened with ``open_model``."""
+    if spec == ORACLE:
+        return OracleQuestioner()
+    if spec == ORACLE_SHUFFLED:
+        return OracleQuestioner(seed=seed)
+    return LLMQuestioner(open_model(spec), profile_form)
+
+
+def default_profile_form(spec: str) -> str:
+    """The form a fine-tuned questioner was trained on (its adapter's run_card.json), else ``qa``.
+
+    ``qa`` is the default because the paper found question history helps a trained questioner
+    avoid repeats (Sec. 4.2.3).
+    """
+    _, plus, adapter = spec.partition("+")  # as models.parse_model_spec: the first '+' starts the adapter
+    if plus and adapter:
+        card = Path(adapter) / "run_card.json"
+        try:
+            form = json.loads(card.read_text(encoding="utf-8")).get("profile_form")
+        except (OSError, json.JSONDecodeError, AttributeError):
+            form = None
+        if form in render.PROFILE_FORMS:
+            return form
+    return "qa"

@@ -1,0 +1,139 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from funnelqa import metrics
+from funnelqa.score import (
+    concept_ranks,
+    elicited_after,
+    first_reveals,
+    funnel_correlation,
+    profile_text,
+    score_sessions,
+    system_name,
+)
+from tests.conftest import run_cli
+
+TARGET = [
+    {"tag": "Genre", "content": "The user loves crime films."},
+    {"tag": "Tone", "content": "The user prefers dark stories."},
+    {"tag": "Era", "content": "The user likes the 1970s."},
+]
+
+
+def turn(tags, question="Q?"):
+    return {"question": question, "answer": "A." if tags else "No preference", "tags": tags, "answered": bool(tags)}
+
+
+def session(user, tags_per_turn, target=TARGET, **meta):
+    content = {t["tag"]: t for t in target}
+    elicited, seen = [], set()
+    for tags in tags_per_turn:
+        for name in tags:
+            if name not in seen:
+                seen.add(name)
+                elicited.append(content[name])
+    return {"id": user, "turns": [turn(t) for t in tags_per_turn], "elicited": elicited, "target": target,
+            "questioner": "oracle", "simulator": "fake:s.json", "profile_form": "qa", "max_questions": 4, **meta}
+
+
+def test_profile_texts_follow_reveal_and_target_order():
+    s = session("u", [["Era"], [], ["Genre", "Tone"]])
+    assert profile_text(s["elicited"]) == "The user likes the 1970s. The user loves crime films. The user prefers dark stories."
+    assert profile_text(s["target"]) == "The user loves crime films. The user prefers dark stories. The user likes the 1970s."
+    assert first_reveals(s) == [("Era", 1), ("Genre", 3), ("Tone", 3)]
+    assert [t["tag"] for t in elicited_after(s, 2)] == ["Era"]
+    assert elicited_after(s, 0) == []
+
+
+def test_a_perfect_funnel_scores_one_everywhere_at_the_end():
+    sessions = [session("a", [["Genre"], ["Tone"], ["Era"]]), session("b", [["Genre"], ["Tone"], ["Era"]])]
+    result = score_sessions(sessions)
+    assert result["bleu"] == pytest.approx(1.0)
+    assert result["rouge1"] == result["rouge2"] == result["rougeL"] == pytest.approx(1.0)
+    assert result["tag_recall"] == 1.0 and result["complete_rate"] == 1.0
+    assert result["unanswered_rate"] == 0.0 and result["questions_asked"] == 3.0
+    curve = result["curve"]
+    assert curve["questions"] == [1, 2, 3, 4]  # up to max_questions; finished sessions keep their profile
+    assert curve["tag_recall"] == pytest.approx([1 / 3, 2 / 3, 1.0, 1.0])
+    assert curve["rougeL"][0] < curve["rougeL"][1] < curve["rougeL"][2] == pytest.approx(1.0)
+    assert result["funnel_spearman"] == {"rho": pytest.approx(1.0), "pairs": 6}
+    assert [(r["concept"], r["wr"]) for r in result["weighted_rank"]] == [("Genre", 1.0), ("Tone", 2.0), ("Era", 3.0)]
+
+
+def test_scores_of_a_partial_session_by_hand():
+    s = session("a", [[], ["Genre"], [], []])
+    result = score_sessions([s])
+    assert result["unanswered_rate"] == 0.75
+    assert result["tag_recall"] == pytest.approx(1 / 3)
+    elicited, target = profile_text(s["elicited"]), profile_text(TARGET)
+    assert result["bleu"] == metrics.bleu([elicited], [target])["bleu"]
+    # One pair: the bootstrap median is the pair's own F1. "the user loves crime films" (5 tokens)
+    # against 15 target tokens, all 5 found: P 1, R 1/3.
+    assert result["rouge1"] == pytest.approx(0.5)
+    assert result["curve"]["tag_recall"] == pytest.approx([0, 1 / 3, 1 / 3, 1 / 3])
+    assert result["curve"]["bleu"][0] == 0.0
+
+
+def test_weighted_rank_pools_first_reveals_over_sessions():
+    sessions = [session("a", [["Genre"], ["Tone"]]), session("b", [["Tone"], ["Genre", "Era"]]), session("c", [["Genre"], ["Genre"]])]
+    ranks = {r["concept"]: (r["wr"], r["sessions"]) for r in concept_ranks(sessions)}
+    # Genre first revealed at 1, 2, 1 (re-asking in c does not count again); Tone at 2, 1; Era at 2.
+    assert ranks == {"Genre": (pytest.approx(4 / 3), 3), "Tone": (1.5, 2), "Era": (2.0, 1)}
+
+
+def test_funnel_correlation_is_negative_for_a_reversed_funnel():
+    reversed_funnel = [session("a", [["Era"], ["Tone"], ["Genre"]])]
+    assert funnel_correlation(reversed_funnel)["rho"] == pytest.approx(-1.0)
+
+
+def test_system_names():
+    assert system_name([session("a", [])], "x/sessions.jsonl") == "oracle / fake:s.json / qa"
+    spec = "hf:/models/base+/runs/exp/questioner-qa"
+    assert system_name([session("a", [], questioner=spec)], "x.jsonl") == "hf:base+questioner-qa / fake:s.json / qa"
+    mixed = [session("a", []), session("b", [], simulator="local")]
+    assert system_name(mixed, "runs/mixed.jsonl") == "mixed"
+
+
+def write_sessions(path: Path, sessions) -> Path:
+    path.write_text("".join(json.dumps(s) + "\n" for s in sessions), encoding="utf-8")
+    return path
+
+
+def test_score_cli_compares_systems_and_writes_plots(tmp_path):
+    good = write_sessions(tmp_path / "good.jsonl", [session("a", [["Genre"], ["Tone"], ["Era"]]), session("b", [["Genre"], ["Tone"]])])
+    weak = write_sessions(
+        tmp_path / "weak.jsonl",
+        [session("a", [[], ["Era"], [], []], questioner="local"), session("b", [["Tone"], [], [], []], questioner="local")],
+    )
+    plots = tmp_path / "plots"
+    result = run_cli("score", good, weak, "--plots", plots)
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["system"] for r in rows] == ["oracle / fake:s.json / qa", "local / fake:s.json / qa"]
+    assert rows[0]["rougeL"] > rows[1]["rougeL"] and rows[1]["unanswered_rate"] == 0.75
+    assert "oracle / fake:s.json / qa" in result.stderr and "R-L" in result.stderr
+    pngs = sorted(p.name for p in plots.glob("*.png"))
+    assert pngs == ["curves.png", "systems.png", "weighted_rank_local_fake_s.json_qa.png", "weighted_rank_oracle_fake_s.json_qa.png"]
+    for png in plots.glob("*.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+
+
+def test_score_cli_out_file_and_same_names(tmp_path):
+    first = write_sessions(tmp_path / "run1.jsonl", [session("a", [["Genre"]])])
+    second = write_sessions(tmp_path / "run2.jsonl", [session("a", [["Tone"]])])
+    out = tmp_path / "scores.jsonl"
+    result = run_cli("score", first, second, "--out", out)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == ""
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["system"] for r in rows] == ["oracle / fake:s.json / qa [run1]", "oracle / fake:s.json / qa [run2]"]
+
+
+def test_score_cli_rejects_files_that_are_not_sessions(tmp_path):
+    bad = tmp_path / "forward.jsonl"
+    bad.write_text(json.dumps({"id": "a", "tags": TARGET}) + "\n")
+    result = run_cli("score", bad)
+    assert result.returncode == 2
+    assert f"{bad}:1" in result.stderr and "funnelqa simulate" in result.stderr
