@@ -1,6 +1,6 @@
 """The paper's experiment (Sec. 4.2) end to end, driven by one TOML config.
 
-split (seeded, by user) -> corrupt -> train-questioner (one adapter per profile form) ->
+split (seeded, by user: test users vs training users, of which the trainer holds out a dev share) -> corrupt -> train-questioner (one adapter per profile form) ->
 train-simulator -> simulate the 2x2 (questioner base/fine-tuned x simulator base/fine-tuned) per
 profile form, plus the oracle and shuffled-oracle questioners -> score with plots -> report.
 
@@ -106,16 +106,17 @@ def run_stage(exp: Experiment, name: str, args: list[str], output: Path, inputs:
 
 
 def split_users(exp: Experiment) -> dict[str, Path]:
+    """Seeded split by user into test users (interviewed) and training users. The trainer holds
+    out its own seeded share of the training users as the dev set for the eval loss."""
     config = exp.config.get("split", {})
     loaded = records.load_records(exp.config["forward"], records.check_questions)
     rng = random.Random(exp.config.get("seed", 0))
     rng.shuffle(loaded)
     loaded = loaded[: config.get("max_users", len(loaded))]
-    n_test = int(config.get("test_users", max(1, round(len(loaded) * config.get("test", 0.2)))))
-    n_dev = int(config.get("dev_users", max(1, round(len(loaded) * config.get("dev", 0.1)))))
-    if n_test + n_dev >= len(loaded):
-        raise UsageError(f"{len(loaded)} users cannot give {n_test} test and {n_dev} dev users and still train")
-    parts = {"test": loaded[:n_test], "dev": loaded[n_test : n_test + n_dev], "train": loaded[n_test + n_dev :]}
+    n_test = int(config.get("test_users", max(1, round(len(loaded) * 0.2))))
+    if n_test + 2 > len(loaded):
+        raise UsageError(f"{len(loaded)} users cannot give {n_test} test users and still train")
+    parts = {"test": loaded[:n_test], "train": loaded[n_test:]}
     paths = {}
     for part, rows in parts.items():
         path = exp.root / "data" / f"{part}.jsonl"
@@ -124,7 +125,8 @@ def split_users(exp: Experiment) -> dict[str, Path]:
         if not path.exists() or path.read_text(encoding="utf-8") != text:
             path.write_text(text, encoding="utf-8")
         paths[part] = path
-    stderr.print(f"split: {len(parts['train'])} train, {len(parts['dev'])} dev, {len(parts['test'])} test users")
+    stderr.print(f"split: {len(parts['train'])} training users (the trainer holds out "
+                 f"{config.get('dev_fraction', 0.1):.0%} of them as dev), {len(parts['test'])} test users")
     return paths
 
 
@@ -141,11 +143,10 @@ def run_experiment(config_path: str | os.PathLike, root: str | os.PathLike | Non
     base = config.get("base", "local")
     data = split_users(exp)
 
-    examples = {}
-    for part in ("train", "dev"):
-        examples[part] = exp.root / "data" / f"examples-{part}.jsonl"
-        run_stage(exp, f"corrupt {part}", ["corrupt", str(data[part]), "--seed", seed, "--out", str(examples[part]),
-                                             *flags(config.get("corrupt", {}))], examples[part], [data[part]])
+    examples = exp.root / "data" / "examples-train.jsonl"
+    run_stage(exp, "corrupt", ["corrupt", str(data["train"]), "--seed", seed, "--out", str(examples),
+                               *flags(config.get("corrupt", {}))], examples, [data["train"]])
+    dev = ["--eval-fraction", str(config.get("split", {}).get("dev_fraction", 0.1))]
 
     train_options = config.get("train", {})
     forms = config.get("forms", ["qa", "answers"])
@@ -155,15 +156,15 @@ def run_experiment(config_path: str | os.PathLike, root: str | os.PathLike | Non
         adapters[form] = out
         options = {**train_options.get("common", {}), **train_options.get("questioner", {})}
         run_stage(exp, f"train-questioner [{form}]",
-                  ["train-questioner", str(examples["train"]), "--eval-examples", str(examples["dev"]), "--base", base,
-                   "--profile-form", form, "--seed", seed, "--out", str(out), *flags(options)],
-                  out / "run_card.json", [examples["train"], examples["dev"]])
+                  ["train-questioner", str(examples), *dev, "--base", base, "--profile-form", form, "--seed", seed,
+                   "--out", str(out), *flags(options)],
+                  out / "run_card.json", [examples])
     simulator_dir = exp.root / "simulator"
     options = {**train_options.get("common", {}), **train_options.get("simulator", {})}
     run_stage(exp, "train-simulator",
-              ["train-simulator", str(examples["train"]), "--eval-examples", str(examples["dev"]), "--base", base,
-               "--seed", seed, "--out", str(simulator_dir), *flags(options)],
-              simulator_dir / "run_card.json", [examples["train"], examples["dev"]])
+              ["train-simulator", str(examples), *dev, "--base", base, "--seed", seed, "--out", str(simulator_dir),
+               *flags(options)],
+              simulator_dir / "run_card.json", [examples])
 
     simulate_options = config.get("simulate", {})
     simulators = {"base": base, "fine-tuned": f"{base}+{simulator_dir}"}
@@ -180,6 +181,7 @@ def run_experiment(config_path: str | os.PathLike, root: str | os.PathLike | Non
     sessions_dir = exp.root / "sessions"
     sessions_dir.mkdir(exist_ok=True)
     session_files = []
+    labels: dict[str, str] = {}
     for label, q_spec, s_spec, form, inputs in systems:
         slug = label.replace(" / ", "__").replace(" ", "-").replace("[", "").replace("]", "")
         out = sessions_dir / f"{slug}.jsonl"
@@ -189,12 +191,13 @@ def run_experiment(config_path: str | os.PathLike, root: str | os.PathLike | Non
             args += ["--profile-form", form]
         run_stage(exp, f"simulate {label}", args, out, [data["test"], *inputs])
         session_files.append(out)
+        labels[str(out)] = label
 
     scores = exp.root / "scores.jsonl"
     plots = Path(config.get("plots", exp.root / "plots"))
     run_stage(exp, "score", ["score", *map(str, session_files), "--plots", str(plots), "--out", str(scores)],
               scores, session_files)
-    report = write_report(exp, scores, plots, time.perf_counter() - started)
+    report = write_report(exp, scores, plots, labels, time.perf_counter() - started)
     stderr.print(f"report: {report}")
     return report
 
@@ -210,15 +213,17 @@ def hardware() -> str:
     return f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.python_implementation()} {platform.python_version()}, {torch_note}"
 
 
-def write_report(exp: Experiment, scores: Path, plots: Path, seconds: float) -> Path:
+def write_report(exp: Experiment, scores: Path, plots: Path, labels: dict[str, str], seconds: float) -> Path:
     rows = [json.loads(line) for line in scores.read_text(encoding="utf-8").splitlines() if line.strip()]
     lines = [f"# Experiment `{exp.name}`", "", f"Config: `{exp.config_path}`; hardware: {hardware()}.", ""]
-    lines += ["| system | BLEU | ROUGE-1 | ROUGE-2 | ROUGE-L | tag recall | unanswered | questions |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += ["| system | users | BLEU | ROUGE-1 | ROUGE-2 | ROUGE-L | tag recall | unanswered | questions | funnel rho |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
+        rho = row.get("funnel_spearman", {}).get("rho")
         lines.append(
-            f"| {row.get('system')} | {row['bleu']:.3f} | {row['rouge1']:.3f} | {row['rouge2']:.3f} | {row['rougeL']:.3f} "
-            f"| {row['tag_recall']:.3f} | {100 * row['unanswered_rate']:.1f}% | {row['questions_asked']:.2f} |"
+            f"| {labels.get(row['source'], row['system'])} | {row['sessions']} | {row['bleu']:.3f} | {row['rouge1']:.3f} "
+            f"| {row['rouge2']:.3f} | {row['rougeL']:.3f} | {row['tag_recall']:.3f} | {100 * row['unanswered_rate']:.1f}% "
+            f"| {row['questions_asked']:.2f} | {'-' if rho is None else f'{rho:.2f}'} |"
         )
     lines += ["", "## Stages (wall time; 'cached' = done by an earlier run)", "", "| stage | seconds | command |", "|---|---|---|"]
     for stage in exp.stages:

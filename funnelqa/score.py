@@ -13,13 +13,12 @@ revealed and its generality (its index in the ranked target list).
 from __future__ import annotations
 
 import collections
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from funnelqa import metrics
 from funnelqa.errors import InputError, UsageError
-from funnelqa.records import Record, dumps, load_records, source_name
+from funnelqa.records import Record, RecordWriter, load_records, source_name
 from funnelqa.records import check_session as check_session_fields
 
 
@@ -224,12 +223,9 @@ def score_files(
     results = [score_file(path, seed=seed, cache=cache) for path in paths]
     _unique_names(results)
     print_table(results)
-    if out is None:
-        for result in results:
-            sys.stdout.write(dumps(result) + "\n")
-        sys.stdout.flush()
-    else:
-        _write_jsonl_atomic(Path(out), results)
+    # Scores take seconds to recompute: a re-run starts over rather than resuming.
+    with RecordWriter(Path(out) if out is not None else None, resume=False) as writer:
+        writer.write_many(results)
     if plots_dir is not None:
         from funnelqa.console import stderr
         from funnelqa.plots import write_plots
@@ -237,11 +233,3 @@ def score_files(
         for path in write_plots(results, Path(plots_dir)):
             stderr.print(f"wrote {path}")
     return results
-
-
-def _write_jsonl_atomic(path: Path, results: Sequence[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(dumps(result) + "\n" for result in results), encoding="utf-8")
-    tmp.replace(path)
-
