@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import json
 import os
+import warnings
 import shutil
 from dataclasses import dataclass
 from functools import lru_cache
@@ -366,7 +367,10 @@ def load_causal_lm(
         from peft import PeftModel
 
         try:
-            model = PeftModel.from_pretrained(model, adapter, is_trainable=trainable_adapter)
+            with warnings.catch_warnings():
+                # peft still calls a transformers method deprecated in v5; users cannot act on it.
+                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+                model = PeftModel.from_pretrained(model, adapter, is_trainable=trainable_adapter)
         except (OSError, ValueError, RuntimeError) as exc:
             raise BackendUnavailable(f"cannot load the adapter in {adapter} onto {base}: {exc}") from None
     if trainable_adapter:

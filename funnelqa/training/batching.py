@@ -1,0 +1,129 @@
+"""Batches that waste little compute on padding, in an order fixed by (seed, epoch).
+
+Examples are shuffled, cut into large windows, each window sorted by length and cut into
+micro-batches, and the micro-batches shuffled again: neighbours in a batch have similar lengths,
+yet every epoch sees a different order. Because the order is a pure function of (seed, epoch),
+a resumed run finds its place again from the step number alone.
+
+Sequences are padded on the LEFT, so every target ends at the last position of its row; the model
+then computes logits only for the last ``keep + 1`` positions (``logits_to_keep``), never for the
+prompt, whose tokens carry no loss anyway.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from funnelqa.training.examples import IGNORE_INDEX, Encoded
+
+# Micro-batches per sorting window: large enough that lengths in a batch are close, small
+# enough that batches of all lengths are spread over the epoch.
+WINDOW_BATCHES = 64
+
+
+def length_grouped_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Indices into ``lengths``, grouped into micro-batches of similar length, in a shuffled order."""
+    rng = random.Random(f"batches:{seed}:{epoch}")
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    window = batch_size * WINDOW_BATCHES
+    batches: list[list[int]] = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start : start + window], key=lambda i: lengths[i])
+        batches.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))
+    rng.shuffle(batches)
+    return batches
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """How micro-batches map onto optimizer steps and processes."""
+
+    n_examples: int
+    batch_size: int
+    grad_accum: int
+    num_processes: int
+
+    @property
+    def micro_batches_per_epoch(self) -> int:
+        return math.ceil(self.n_examples / self.batch_size)
+
+    @property
+    def micro_batches_per_step(self) -> int:
+        return self.grad_accum * self.num_processes
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.micro_batches_per_epoch / self.micro_batches_per_step)
+
+    def step_batches(self, epoch_batches: list[list[int]], step_in_epoch: int, process_index: int) -> list[list[int]]:
+        """The ``grad_accum`` micro-batches one process runs for one step. The epoch's list is
+        extended by wrapping around, so every process runs the same number of micro-batches."""
+        per_step = self.micro_batches_per_step
+        start = step_in_epoch * per_step
+        picked = [epoch_batches[(start + i) % len(epoch_batches)] for i in range(per_step)]
+        return picked[process_index::self.num_processes]
+
+
+@dataclass
+class Batch:
+    input_ids: "torch.Tensor"  # noqa: F821 (torch is imported lazily)
+    attention_mask: "torch.Tensor"  # noqa: F821
+    position_ids: "torch.Tensor"  # noqa: F821
+    labels: "torch.Tensor"  # noqa: F821
+    keep: int  # the longest target in the batch: only the last keep positions carry labels
+    tokens: int  # real (non-padding) tokens
+    target_tokens: int
+
+    def to(self, device) -> Batch:
+        return Batch(
+            self.input_ids.to(device), self.attention_mask.to(device), self.position_ids.to(device),
+            self.labels.to(device), self.keep, self.tokens, self.target_tokens,
+        )
+
+
+def collate(items: Sequence[Encoded], pad_id: int) -> Batch:
+    import torch
+
+    width = max(len(item) for item in items)
+    input_ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(items), width), dtype=torch.long)
+    for row, item in enumerate(items):
+        start = width - len(item)
+        input_ids[row, start:] = torch.tensor(item.input_ids)
+        labels[row, start:] = torch.tensor(item.labels())
+        attention_mask[row, start:] = 1
+    # Positions count real tokens only, so a left-padded row sees the same positions as unpadded.
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return Batch(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        labels=labels,
+        keep=max(item.target_length for item in items),
+        tokens=sum(len(item) for item in items),
+        target_tokens=sum(item.target_length for item in items),
+    )
+
+
+def target_loss_sum(model, batch: Batch):
+    """Summed cross-entropy over the target tokens of ``batch`` (a 0-dim tensor)."""
+    import torch.nn.functional as F
+
+    output = model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        logits_to_keep=batch.keep + 1,
+        use_cache=False,
+    )
+    # Logits at position p predict token p + 1: the last keep + 1 positions predict the last keep tokens.
+    logits = output.logits[:, -(batch.keep + 1) : -1, :]
+    labels = batch.labels[:, -batch.keep :]
+    return F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
