@@ -66,7 +66,8 @@ def load_config(path: str | os.PathLike) -> dict[str, Any]:
 
 def file_digest(path: Path) -> str:
     digest = hashlib.sha256()
-    targets = sorted(p for p in path.rglob("*") if p.is_file() and "checkpoint" not in p.parts[-2]) if path.is_dir() else [path]
+    # An adapter folder is its top-level files; stamps and checkpoints below it do not change it.
+    targets = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")) if path.is_dir() else [path]
     for target in targets:
         digest.update(target.name.encode())
         with open(target, "rb") as handle:

@@ -87,6 +87,13 @@ def check_session(record: Record) -> None:
     for key in ("turns", "elicited", "target"):
         if not isinstance(record.get(key), list):
             raise ValueError(f"missing or non-list field {key!r} (is this `funnelqa simulate` output?)")
+    for key in ("target", "elicited"):
+        for i, tag in enumerate(record[key]):
+            if not isinstance(tag, dict) or not isinstance(tag.get("tag"), str) or not isinstance(tag.get("content"), str):
+                raise ValueError(f"{key}[{i}] must be an object with 'tag' and 'content'")
+    for i, turn in enumerate(record["turns"]):
+        if not isinstance(turn, dict) or not isinstance(turn.get("tags"), list) or "answered" not in turn:
+            raise ValueError(f"turns[{i}] must be an object with 'tags' and 'answered'")
 
 
 # ---- reading ----

@@ -18,19 +18,7 @@ from pathlib import Path
 
 from funnelqa import metrics
 from funnelqa.errors import InputError, UsageError
-from funnelqa.records import Record, RecordWriter, load_records, source_name
-from funnelqa.records import check_session as check_session_fields
-
-
-def check_session(record: Record) -> None:
-    check_session_fields(record)
-    for key in ("target", "elicited"):
-        for i, tag in enumerate(record[key]):
-            if not isinstance(tag, dict) or not isinstance(tag.get("tag"), str) or not isinstance(tag.get("content"), str):
-                raise ValueError(f"{key}[{i}] must be an object with 'tag' and 'content'")
-    for i, turn in enumerate(record["turns"]):
-        if not isinstance(turn, dict) or not isinstance(turn.get("tags"), list) or "answered" not in turn:
-            raise ValueError(f"turns[{i}] must be an object with 'tags' and 'answered'")
+from funnelqa.records import Record, RecordWriter, check_session, load_records, source_name
 
 
 def profile_text(tags: Sequence[dict]) -> str:
