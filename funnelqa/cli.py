@@ -7,8 +7,6 @@ function. Heavy imports (torch, transformers, google-genai) happen inside those 
 
 from __future__ import annotations
 
-import os
-
 import typer
 
 from funnelqa import __version__
@@ -46,7 +44,4 @@ def _root(
 
 
 def main() -> None:
-    # Busy-waiting OpenMP threads starve each other on small machines; passive waits made CPU
-    # generation several times faster here. It must be set before torch is imported.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     app()

@@ -24,7 +24,7 @@ def tiny(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def backend(tiny) -> HFBackend:
-    return load_backend(f"hf:{tiny}", BackendOptions(batch_size=3, device="cpu"))
+    return load_backend(f"hf:{tiny}", BackendOptions(batch_size=3, device="cpu", dtype="float32"))
 
 
 def questions(count: int, **options) -> list[Request]:
@@ -78,7 +78,7 @@ def test_each_request_keeps_its_own_max_tokens_in_a_batch(backend):
 
 def test_generation_stops_at_a_configured_eos(tiny, tmp_path):
     model_dir = Path(shutil.copytree(tiny, tmp_path / "model"))
-    plain = load_backend(f"hf:{model_dir}", BackendOptions(device="cpu"))
+    plain = load_backend(f"hf:{model_dir}", BackendOptions(device="cpu", dtype="float32"))
     request = questions(1)[0]
     reference = greedy_ids(plain, request, 10)
     stop = reference[3]
@@ -87,7 +87,7 @@ def test_generation_stops_at_a_configured_eos(tiny, tmp_path):
     config = json.loads(config_path.read_text())
     config["eos_token_id"] = [plain.tokenizer.eos_token_id, stop]
     config_path.write_text(json.dumps(config))
-    stopping = load_backend(f"hf:{model_dir}", BackendOptions(device="cpu"))
+    stopping = load_backend(f"hf:{model_dir}", BackendOptions(device="cpu", dtype="float32"))
     (answer,) = stopping.generate([Request(messages=request.messages, max_tokens=10)])
     cut = reference[: reference.index(stop)]
     assert answer == plain.tokenizer.decode(cut, skip_special_tokens=True).strip()
@@ -113,7 +113,7 @@ def test_json_schema_requests_and_empty_batches_are_accepted(backend):
 
 def test_adapter_changes_the_answers_and_the_cache_id(backend, tiny, tmp_path):
     adapter = save_lora(tiny, tmp_path / "adapter", seed=3)
-    adapted = load_backend(f"hf:{tiny}+{adapter}", BackendOptions(batch_size=3, device="cpu"))
+    adapted = load_backend(f"hf:{tiny}+{adapter}", BackendOptions(batch_size=3, device="cpu", dtype="float32"))
     requests = questions(4, max_tokens=8)
     assert adapted.generate(requests) != backend.generate(requests)
     assert adapted.generate(requests) == [adapted.generate([r])[0] for r in requests]
@@ -136,3 +136,53 @@ def test_local_backend_parses_its_own_specs(monkeypatch):
 def test_missing_model_directory_is_reported(tmp_path):
     with pytest.raises(BackendUnavailable, match="not found"):
         load_backend(f"hf:{tmp_path / 'absent'}")
+
+
+# ---- prompt prefixes kept between calls ----
+
+
+def interview_like(turns: int) -> list[list[Request]]:
+    """What simulate sends a model, turn by turn: each prompt is the last one with a turn more."""
+    calls, history = [], []
+    for turn in range(turns):
+        calls.append(
+            [
+                Request.chat("You interview a movie fan.", "Profile of user %d: likes films. " % user * 6 + "".join(history), max_tokens=6)
+                for user in range(3)
+            ]
+        )
+        history.append(f" Q{turn}: Which films? A: crime thrillers.")
+    return calls
+
+
+def test_kept_prefixes_are_reused_and_change_no_answer(tiny):
+    keeping = load_backend(f"hf:{tiny}", BackendOptions(batch_size=3, device="cpu", dtype="float32"))
+    fresh = load_backend(f"hf:{tiny}", BackendOptions(batch_size=3, device="cpu", dtype="float32", prefix_cache_mb=0))
+    assert fresh.prefix_cache is None
+    for requests in interview_like(4):
+        assert keeping.generate(requests) == fresh.generate(requests)
+        # One at a time too: rows from different prefixes, or none, share a batch either way.
+        assert [keeping.generate([r])[0] for r in requests] == fresh.generate(requests)
+    stats = keeping.prefix_cache.stats
+    assert stats.reused_tokens > stats.prompt_tokens / 2
+
+
+def test_a_small_budget_evicts_and_answers_stay_right(tiny):
+    tight = load_backend(f"hf:{tiny}", BackendOptions(batch_size=3, device="cpu", dtype="float32"))
+    tight.prefix_cache.budget_bytes = 20_000  # a few prompts' worth for the tiny model
+    reference = load_backend(f"hf:{tiny}", BackendOptions(batch_size=3, device="cpu", dtype="float32", prefix_cache_mb=0))
+    requests = questions(40, max_tokens=4)
+    assert tight.generate(requests) == reference.generate(requests)
+    cache = tight.prefix_cache
+    assert cache.stats.evicted_blocks > 0 and cache.used_bytes <= cache.budget_bytes
+
+
+def test_models_answer_in_bf16_on_cpus_with_bf16_arithmetic(tiny, monkeypatch):
+    import torch
+
+    for native, dtype in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda native=native: native)
+        backend = load_backend(f"hf:{tiny}", BackendOptions(device="cpu"))
+        assert backend.model.dtype == dtype
+        assert backend.cache_id.endswith("#" + str(dtype).removeprefix("torch."))
+        assert isinstance(backend.generate(questions(2, max_tokens=3))[1], str)

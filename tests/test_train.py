@@ -310,7 +310,7 @@ def test_saved_adapter_loads_through_the_hf_backend_and_answers_like_the_trained
 
     trainer, _, _ = trained
     model, tokenizer = trainer.model.eval(), trainer.tokenizer
-    backend = load_backend(f"hf:{tiny}+{trainer.config.out}", BackendOptions(device="cpu"))
+    backend = load_backend(f"hf:{tiny}+{trainer.config.out}", BackendOptions(device="cpu", dtype="float32"))
     for line in corrupt_output(2, seed=5)[:3]:
         messages, _ = render_example(line, "questioner", "qa")
         prompt = tokenizer(

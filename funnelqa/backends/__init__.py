@@ -56,6 +56,8 @@ class BackendOptions:
     batch_size: int = 16
     device: str | None = None
     dtype: str | None = None
+    # Memory for the states of prompt prefixes kept between calls (hf, local); None: a quarter of the device's.
+    prefix_cache_mb: int | None = None
 
 
 class Backend(ABC):

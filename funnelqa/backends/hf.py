@@ -1,5 +1,8 @@
 """transformers backend: ``hf:PATH[+ADAPTER]`` (a model directory or a .gguf file, optionally with a
-peft adapter). Batched generation with left padding; prompts built with the model's chat template.
+peft adapter). Batched generation with our own decoding loop; prompts built with the model's chat
+template. The states of prompt prefixes are kept between calls (``prefix_cache``), so a prompt
+that starts like an earlier one (the same profile, the same conversation one turn longer) only
+reads its new tokens; rows leave the batch as they finish.
 
 ``json_schema`` is not enforced: the prompts already ask for JSON and ``render.extract_json``
 tolerates chatter around it, while constrained decoding would cost more than these models gain.
@@ -12,6 +15,7 @@ from collections.abc import Sequence
 
 from funnelqa import models
 from funnelqa.backends import Backend, BackendOptions, Request
+from funnelqa.backends.prefix_cache import PrefixCache
 from funnelqa.errors import BackendError
 
 
@@ -27,13 +31,27 @@ class HFBackend(Backend):
         if device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
             # torch counts physical cores; in a container the CPUs we may actually use can differ.
             torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
-        self.model, self.tokenizer = models.load_causal_lm(
-            model_spec, device=device, dtype=options.dtype, padding_side="left"
-        )
+        dtype = options.dtype if options.dtype not in (None, "auto") else models.inference_dtype(device)
+        self.model, self.tokenizer = models.load_causal_lm(model_spec, device=device, dtype=dtype, padding_side="left")
         self.device = device
         self.batch_size = max(1, options.batch_size)
         self.stop_ids = models.stop_token_ids(self.tokenizer, self.model.generation_config)
         self._fingerprint = models.fingerprint(model_spec)
+        self.prefix_cache = self._open_prefix_cache(options.prefix_cache_mb)
+
+    def _open_prefix_cache(self, budget_mb: int | None) -> PrefixCache | None:
+        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
+
+        if budget_mb is None:
+            budget_bytes = models.memory_bytes(self.device) // 4
+        else:
+            budget_bytes = budget_mb * 2**20
+        # Sliding-window layers drop old states, so a stored prefix could not be spliced back in.
+        layers = DynamicCache(config=self.model.config).layers
+        if budget_bytes <= 0 or not all(type(layer) is DynamicLayer for layer in layers):
+            return None
+        return PrefixCache(budget_bytes)
 
     @classmethod
     def from_spec(cls, arg: str, options: BackendOptions) -> HFBackend:
@@ -41,7 +59,8 @@ class HFBackend(Backend):
 
     @property
     def cache_id(self) -> str:
-        return f"{self.model_spec}#{self._fingerprint}"
+        # float32 and bf16 answers differ a little: a cache filled by one must not answer for the other.
+        return f"{self.model_spec}#{self._fingerprint}#{str(self.model.dtype).removeprefix('torch.')}"
 
     def render(self, request: Request) -> str:
         try:
@@ -52,6 +71,8 @@ class HFBackend(Backend):
             raise BackendError(f"{self.spec}: the chat template cannot render this request: {exc}") from None
 
     def generate(self, requests: Sequence[Request]) -> list[str]:
+        import torch
+
         if not requests:
             return []
         prompts = [self.render(r) for r in requests]
@@ -60,73 +81,133 @@ class HFBackend(Backend):
         # Similar lengths in one batch waste less compute on padding.
         order = sorted(range(len(requests)), key=lambda i: len(encoded[i]))
         answers = [""] * len(requests)
-        for start in range(0, len(order), self.batch_size):
-            chunk = order[start : start + self.batch_size]
-            texts = self._generate_batch([encoded[i] for i in chunk], [requests[i] for i in chunk])
-            for i, text in zip(chunk, texts):
-                answers[i] = text
+        with torch.inference_mode():
+            for start in range(0, len(order), self.batch_size):
+                chunk = order[start : start + self.batch_size]
+                texts = self._generate_batch([encoded[i] for i in chunk], [requests[i] for i in chunk])
+                for i, text in zip(chunk, texts):
+                    answers[i] = text
         return answers
 
     def _generate_batch(self, token_ids: list[list[int]], requests: list[Request]) -> list[str]:
+        """Greedy (or per-request sampled) decoding of one batch, with our own loop rather than
+        ``generate``: rows start from different cached prefixes, and finished rows leave the batch."""
         import torch
-        from transformers import GenerationConfig, LogitsProcessorList
+        from transformers import DynamicCache
 
-        batch = self.tokenizer.pad({"input_ids": token_ids}, padding=True, return_tensors="pt").to(self.device)
-        prompt_length = batch["input_ids"].shape[1]
+        rows = len(token_ids)
+        # At least the last prompt token is read anew: its logits choose the first answer token.
+        hits = [self.prefix_cache.lookup(ids, len(ids) - 1) if self.prefix_cache else (0, None) for ids in token_ids]
+        cached = [tokens for tokens, _ in hits]
+        prefix_width = max(cached)
+        suffix_width = max(len(ids) - tokens for ids, tokens in zip(token_ids, cached))
+        # Row layout: [pad][cached prefix][pad][new prompt tokens]; the mask hides both pads and the
+        # positions carry on from the prefix, so the holes change nothing for the model.
+        mask = torch.zeros(rows, prefix_width + suffix_width, dtype=torch.long)
+        input_ids = torch.full((rows, suffix_width), self.tokenizer.pad_token_id, dtype=torch.long)
+        positions = torch.zeros(rows, suffix_width, dtype=torch.long)
+        for row, (ids, tokens) in enumerate(zip(token_ids, cached)):
+            new = len(ids) - tokens
+            mask[row, prefix_width - tokens : prefix_width] = 1
+            mask[row, mask.shape[1] - new :] = 1
+            input_ids[row, suffix_width - new :] = torch.tensor(ids[tokens:])
+            positions[row, suffix_width - new :] = torch.arange(tokens, len(ids))
+        if prefix_width:
+            layers, _, heads, _, head_dim = next(states for _, states in hits if states is not None).shape
+            past = torch.zeros(layers, 2, rows, heads, prefix_width, head_dim, dtype=self.model.dtype, device=self.device)
+            for row, (tokens, states) in enumerate(hits):
+                if tokens:
+                    past[:, :, row, :, prefix_width - tokens :] = states
+            cache = DynamicCache(ddp_cache_data=[(past[layer, 0], past[layer, 1]) for layer in range(layers)])
+        else:
+            cache = DynamicCache(config=self.model.config)
+        mask, input_ids, positions = mask.to(self.device), input_ids.to(self.device), positions.to(self.device)
+
         limits = [max(0, r.max_tokens) for r in requests]
-        chooser = PerRequestChoice(requests, limits, prompt_length, self.stop_ids[0] if self.stop_ids else None)
-        config = GenerationConfig(
-            max_new_tokens=max(1, *limits),
-            do_sample=False,  # PerRequestChoice samples; generate then takes its single choice
-            eos_token_id=self.stop_ids or None,
-            pad_token_id=self.tokenizer.pad_token_id,
+        chooser = TokenChooser(requests)
+        answers: list[list[int]] = [[] for _ in range(rows)]
+        live = list(range(rows))  # the original row of each row of the batch
+        done: set[int] = set()
+        next_position = torch.tensor([len(ids) for ids in token_ids], device=self.device)
+        logits = self._forward(input_ids, mask, positions, cache)
+        if self.prefix_cache is not None:
+            self._keep_prefixes(token_ids, cached, cache, mask.shape[1])
+        for step in range(max(limits)):
+            choices = chooser(logits, live).tolist()
+            for row, token in zip(live, choices):
+                if row in done:
+                    continue
+                if step >= limits[row] or token in self.stop_ids:
+                    done.add(row)
+                else:
+                    answers[row].append(token)
+            running = [row for row in live if row not in done]
+            if not running or step + 1 >= max(limits[row] for row in running):
+                break
+            if 4 * (len(live) - len(running)) >= len(live):
+                # Dropping finished rows copies the cache: worth it once a quarter of the batch idles.
+                keep = torch.tensor([index for index, row in enumerate(live) if row not in done], device=self.device)
+                cache.batch_select_indices(keep)
+                mask, next_position = mask[keep], next_position[keep]
+                choices = [choices[index] for index in keep.tolist()]
+                live = running
+            mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
+            step_ids = torch.tensor(choices, device=self.device).unsqueeze(1)
+            logits = self._forward(step_ids, mask, next_position.unsqueeze(1), cache)
+            next_position += 1
+        return [self.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in answers]
+
+    def _forward(self, input_ids, mask, positions, cache):
+        output = self.model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
         )
-        with torch.inference_mode():
-            output = self.model.generate(
-                **batch, generation_config=config, logits_processor=LogitsProcessorList([chooser])
+        return output.logits[:, -1, :]
+
+    def _keep_prefixes(self, token_ids: list[list[int]], cached: list[int], cache, width: int) -> None:
+        """Store the new whole blocks of every prompt: they sit at the right end of its row."""
+        import torch
+
+        for row, (ids, tokens) in enumerate(zip(token_ids, cached)):
+            whole = (len(ids) // self.prefix_cache.block) * self.prefix_cache.block
+            if whole <= tokens:
+                continue
+            first = width - (len(ids) - tokens)
+            columns = slice(first, first + whole - tokens)
+            states = torch.stack(
+                [torch.stack([layer.keys[row, :, columns], layer.values[row, :, columns]]) for layer in cache.layers]
             )
-        texts = []
-        for row, limit in zip(output[:, prompt_length:].tolist(), limits):
-            row = row[:limit]
-            for position, token_id in enumerate(row):
-                if token_id in self.stop_ids:
-                    row = row[:position]
-                    break
-            texts.append(self.tokenizer.decode(row, skip_special_tokens=True).strip())
-        return texts
+            self.prefix_cache.store(ids, tokens, states)
 
     def close(self) -> None:
         self.model = None
 
 
-class PerRequestChoice:
+class TokenChooser:
     """Picks each row's next token by its own request: greedy at temperature 0, else sampled with a
     generator seeded by ``request.seed``, so an answer does not depend on which other requests share
-    its batch. Rows past their own ``max_tokens`` are ended with eos, which stops them early."""
+    its batch or when they leave it."""
 
-    def __init__(self, requests: Sequence[Request], limits: list[int], prompt_length: int, eos_id: int | None):
+    def __init__(self, requests: Sequence[Request]):
         self.temperatures = [r.temperature for r in requests]
         self.seeds = [r.seed for r in requests]
-        self.limits = limits
-        self.prompt_length = prompt_length
-        self.eos_id = eos_id
         self.generators: dict[int, object] = {}
 
-    def __call__(self, input_ids, scores):
+    def __call__(self, logits, rows: list[int]):
         import torch
 
-        step = input_ids.shape[1] - self.prompt_length
-        choices = scores.argmax(dim=-1)
-        for row, temperature in enumerate(self.temperatures):
-            if self.eos_id is not None and step >= self.limits[row]:
-                choices[row] = self.eos_id
-            elif temperature > 0:
+        choices = logits.argmax(dim=-1)
+        for index, row in enumerate(rows):
+            temperature = self.temperatures[row]
+            if temperature > 0:
                 generator = self.generators.get(row)
                 if generator is None:
-                    generator = torch.Generator(device=scores.device).manual_seed(self.seeds[row])
+                    generator = torch.Generator(device=logits.device).manual_seed(self.seeds[row])
                     self.generators[row] = generator
-                probabilities = torch.softmax(scores[row].float() / temperature, dim=-1)
-                choices[row] = torch.multinomial(probabilities, 1, generator=generator)[0]
-        chosen = torch.full_like(scores, float("-inf"))
-        chosen.scatter_(1, choices.unsqueeze(1), 0.0)
-        return chosen
+                probabilities = torch.softmax(logits[index].float() / temperature, dim=-1)
+                choices[index] = torch.multinomial(probabilities, 1, generator=generator)[0]
+        return choices

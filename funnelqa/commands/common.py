@@ -18,6 +18,9 @@ NO_CACHE = typer.Option(False, "--no-cache", help="Do not read or write the on-d
 CONCURRENCY = typer.Option(8, "--concurrency", min=1, help="Requests in flight at once (HTTP backends).")
 TIMEOUT = typer.Option(60.0, "--timeout", min=0.1, help="Seconds before one HTTP request is abandoned and retried.")
 BATCH_SIZE = typer.Option(16, "--batch-size", min=1, help="Prompts per batched generate call.")
+DTYPE = typer.Option(
+    "auto", "--dtype", help="Weights of hf:/local models: auto (bf16 where the GPU or CPU has bf16 arithmetic), float32, bfloat16, float16."
+)
 
 MODEL_HELP = (
     "Model spec: local[:smollm2-135m|gemma3-270m] (embedded, offline), hf:PATH[+ADAPTER], "
@@ -29,10 +32,10 @@ def out_path(value: Optional[Path]) -> Optional[Path]:
     return None if value is None or str(value) == "-" else value
 
 
-def backend_options(concurrency: int = 8, timeout: float = 60.0, batch_size: int = 16):
+def backend_options(concurrency: int = 8, timeout: float = 60.0, batch_size: int = 16, dtype: str = "auto"):
     from funnelqa.backends import BackendOptions
 
-    return BackendOptions(concurrency=concurrency, timeout=timeout, batch_size=batch_size)
+    return BackendOptions(concurrency=concurrency, timeout=timeout, batch_size=batch_size, dtype=dtype)
 
 
 def run(action: Callable[[], Any]) -> Any:

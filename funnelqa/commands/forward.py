@@ -21,7 +21,7 @@ HELP = {
 
 def run_forward(stage_name: str, source: str, out: Optional[Path], model: str, *, retries: int,
                 skip_invalid: bool, no_cache: bool, concurrency: int, timeout: float,
-                batch_size: int, max_tokens: Optional[int]) -> None:
+                batch_size: int, max_tokens: Optional[int], dtype: str = "auto") -> None:
     from funnelqa import records
     from funnelqa.backends import open_backend
     from funnelqa.console import progress, stderr
@@ -35,7 +35,7 @@ def run_forward(stage_name: str, source: str, out: Optional[Path], model: str, *
         stderr.print(f"[yellow]skipped[/] {error}")
 
     inputs = records.read_records(source, stage.needs, on_invalid=report if skip_invalid else None)
-    backend = open_backend(model, common.backend_options(concurrency, timeout, batch_size), use_cache=not no_cache)
+    backend = open_backend(model, common.backend_options(concurrency, timeout, batch_size, dtype), use_cache=not no_cache)
     with records.RecordWriter(common.out_path(out)) as writer, progress() as bar:
         task = bar.add_task(stage_name, total=None, status="")
         summary = run_stage(stage, inputs, backend, writer, retries=retries, batch_size=batch_size,
@@ -61,10 +61,11 @@ def _command(stage_name: str):
         concurrency: int = common.CONCURRENCY,
         timeout: float = common.TIMEOUT,
         batch_size: int = common.BATCH_SIZE,
+        dtype: str = common.DTYPE,
     ) -> None:
         common.run(lambda: run_forward(
             stage_name, source, out, model, retries=retries, skip_invalid=skip_invalid, no_cache=no_cache,
-            concurrency=concurrency, timeout=timeout, batch_size=batch_size, max_tokens=max_tokens))
+            concurrency=concurrency, timeout=timeout, batch_size=batch_size, max_tokens=max_tokens, dtype=dtype))
 
     command.__doc__ = HELP[stage_name]
     return command

@@ -31,6 +31,7 @@ def register(app: typer.Typer) -> None:
         skip_invalid: bool = common.SKIP_INVALID,
         no_cache: bool = common.NO_CACHE,
         batch_size: int = common.BATCH_SIZE,
+        dtype: str = common.DTYPE,
         concurrency: int = common.CONCURRENCY,
         timeout: float = common.TIMEOUT,
     ) -> None:
@@ -50,7 +51,7 @@ def register(app: typer.Typer) -> None:
                 max_questions=max_questions,
                 profile_form=profile_form,
                 out=common.out_path(out),
-                options=common.backend_options(concurrency, timeout, batch_size),
+                options=common.backend_options(concurrency, timeout, batch_size, dtype),
                 use_cache=not no_cache,
                 seed=seed,
                 limit=limit,
