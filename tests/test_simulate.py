@@ -259,6 +259,19 @@ def test_simulate_cli_reports_bad_input_with_its_line(tmp_path):
     assert f"{forward}:2" in result.stderr and "questions" in result.stderr
 
 
+def test_simulate_cli_takes_a_dtype_and_names_a_wrong_one(tmp_path):
+    from tests.tiny import make_tiny_model
+
+    model = make_tiny_model(tmp_path / "tiny")
+    forward = write_jsonl(tmp_path / "forward.jsonl", RECORDS[:1])
+    common = ["simulate", forward, "-q", "oracle", "-s", f"hf:{model}", "-T", "1", "--no-cache"]
+    wrong = run_cli(*common, "--dtype", "int3")
+    assert wrong.returncode == 2 and "unknown dtype 'int3'" in wrong.stderr
+    right = run_cli(*common, "--dtype", "bfloat16")
+    assert right.returncode == 0, right.stderr
+    assert [json.loads(line)["id"] for line in right.stdout.splitlines()] == ["ann"]
+
+
 def test_a_transformers_model_in_both_roles_batched_and_cached(tmp_path):
     from funnelqa.backends import BackendOptions, open_backend
     from tests.tiny import make_tiny_model
