@@ -113,7 +113,7 @@ def main() -> None:
         "bench": "simulate",
         "model": args.model,
         "device": getattr(backend, "device", None),
-        "dtype": str(backend.model.dtype).removeprefix("torch."),
+        "dtype": backend.dtype,
         "users": len(records),
         "max_questions": args.max_questions,
         "repeats": args.repeats,

@@ -34,9 +34,11 @@ class HFBackend(Backend):
         dtype = options.dtype if options.dtype not in (None, "auto") else models.inference_dtype(device)
         self.model, self.tokenizer = models.load_causal_lm(model_spec, device=device, dtype=dtype, padding_side="left")
         self.device = device
+        self.dtype = str(self.model.dtype).removeprefix("torch.")
         self.batch_size = max(1, options.batch_size)
         self.stop_ids = models.stop_token_ids(self.tokenizer, self.model.generation_config)
-        self._fingerprint = models.fingerprint(model_spec)
+        # float32 and bf16 answers differ a little: a cache filled by one must not answer for the other.
+        self._cache_id = f"{model_spec}#{models.fingerprint(model_spec)}#{self.dtype}"
         self.prefix_cache = self._open_prefix_cache(options.prefix_cache_mb)
 
     def _open_prefix_cache(self, budget_mb: int | None) -> PrefixCache | None:
@@ -59,8 +61,7 @@ class HFBackend(Backend):
 
     @property
     def cache_id(self) -> str:
-        # float32 and bf16 answers differ a little: a cache filled by one must not answer for the other.
-        return f"{self.model_spec}#{self._fingerprint}#{str(self.model.dtype).removeprefix('torch.')}"
+        return self._cache_id
 
     def render(self, request: Request) -> str:
         try:
