@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 from funnelqa.records import Record
 from funnelqa.render import NO_PREFERENCE
@@ -74,16 +75,97 @@ def _norm(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", " ", name.lower()).strip()
 
 
-def negative_examples(record: Record, pool: list[tuple[str, dict]], count: int, rng: random.Random) -> list[Record]:
+class NegativePool:
+    """The questions of every user, indexed so each user's draw of negatives costs no scan of the pool.
+
+    A question qualifies as a negative for user u when one of its occurrences (the same text may
+    be asked of several users) reveals tag names, none of which u's profile has. The draw is
+    ``rng.sample`` over the sorted, unique qualifying texts, as ``negative_examples`` defines it.
+    Texts are grouped into classes by the tag-name sets of their occurrences; a user's qualifying
+    texts are the union of the classes that have a set disjoint from the profile, so counting them
+    is one dot product, and finding the j-th one (in sorted order) is a look-up in per-block counts
+    plus a scan of one block. Only question texts are held, never whole records.
+    """
+
+    BLOCK = 512  # ranks per block: the per-user work is (classes x blocks) plus one block's scan
+
+    def __init__(self, occurrences: Iterable[tuple[str, list[str]]]):
+        import numpy as np
+
+        names_of: dict[str, set[frozenset[str]]] = {}
+        for text, tags in occurrences:
+            if tags:
+                names_of.setdefault(text, set()).add(frozenset(_norm(name) for name in tags))
+        self.texts = sorted(names_of)
+        name_sets: dict[frozenset[str], int] = {}
+        classes: dict[frozenset[int], int] = {}
+        class_of_rank = np.empty(len(self.texts), dtype=np.int64)
+        for rank, text in enumerate(self.texts):
+            signature = frozenset(name_sets.setdefault(names, len(name_sets)) for names in names_of[text])
+            class_of_rank[rank] = classes.setdefault(signature, len(classes))
+        del names_of
+        self.name_sets = list(name_sets)
+        self.class_sets = [sorted(signature) for signature in classes]
+        self.class_of_rank = class_of_rank
+        blocks = max(1, -(-len(self.texts) // self.BLOCK))
+        counts = np.zeros((len(classes), blocks), dtype=np.float64)  # float: the dot product runs in BLAS
+        np.add.at(counts, (class_of_rank, np.arange(len(self.texts)) // self.BLOCK), 1.0)
+        self.block_counts = counts
+        self._qualifying: dict[frozenset[str], Any] = {}
+
+    @classmethod
+    def from_records(cls, records: Iterable[Record]) -> NegativePool:
+        return cls((q["question"], q["tags"]) for record in records for q in record["questions"])
+
+    def _classes_for(self, own: frozenset[str]):
+        """Boolean per class: does one of its tag-name sets avoid every name in ``own``? Cached per profile."""
+        import numpy as np
+
+        found = self._qualifying.get(own)
+        if found is None:
+            disjoint = [own.isdisjoint(names) for names in self.name_sets]
+            found = np.array([any(disjoint[i] for i in sets) for sets in self.class_sets], dtype=bool)
+            if len(self._qualifying) < 4096:
+                self._qualifying[own] = found
+        return found
+
+    def draw(self, record: Record, count: int, rng: random.Random) -> list[str]:
+        """The same texts, in the same order, as ``negative_examples`` draws with the full pool."""
+        import numpy as np
+
+        own = frozenset(_norm(t["tag"]) for t in record["tags"])
+        qualifying = self._classes_for(own)
+        per_block = qualifying.astype(np.float64) @ self.block_counts
+        ends = np.cumsum(per_block)
+        total = int(ends[-1]) if len(ends) else 0
+        chosen = []
+        # rng.sample draws indexes from the population's length alone, so sampling a range gives
+        # the same indexes (and the same rng state) as sampling the list itself.
+        for index in rng.sample(range(total), min(count, total)):
+            block = int(np.searchsorted(ends, index, side="right"))
+            offset = index - (int(ends[block - 1]) if block else 0)
+            start = block * self.BLOCK
+            members = np.flatnonzero(qualifying[self.class_of_rank[start : start + self.BLOCK]])
+            chosen.append(self.texts[start + int(members[offset])])
+        return chosen
+
+
+def negative_examples(record: Record, pool: list[tuple[str, dict]] | NegativePool, count: int,
+                      rng: random.Random) -> list[Record]:
     """Questions from other users about concepts (tag names) this profile does not have."""
-    own = {_norm(t["tag"]) for t in record["tags"]}
-    candidates = [
-        q for user, q in pool
-        if user != str(record["id"]) and q["tags"] and not any(_norm(name) in own for name in q["tags"])
-    ]
-    # Sorted and unique, so the draw depends on the seed and the set of users, not their order.
-    unique = sorted({q["question"] for q in candidates})
-    chosen = rng.sample(unique, min(count, len(unique)))
+    if isinstance(pool, NegativePool) and not _asks_foreign_tags(record):
+        chosen = pool.draw(record, count, rng)
+    else:
+        if isinstance(pool, NegativePool):
+            raise ValueError(f"record {record['id']!r} has questions revealing tags its profile lacks")
+        own = {_norm(t["tag"]) for t in record["tags"]}
+        candidates = [
+            q for user, q in pool
+            if user != str(record["id"]) and q["tags"] and not any(_norm(name) in own for name in q["tags"])
+        ]
+        # Sorted and unique, so the draw depends on the seed and the set of users, not their order.
+        unique = sorted({q["question"] for q in candidates})
+        chosen = rng.sample(unique, min(count, len(unique)))
     return [
         {
             "id": record["id"],
@@ -98,16 +180,39 @@ def negative_examples(record: Record, pool: list[tuple[str, dict]], count: int, 
     ]
 
 
-def corrupt(records: list[Record], *, seed: int = 0, negatives: int = 2,
-            roles: Iterable[str] = ROLES) -> Iterator[Record]:
-    """All training examples for ``records``, deterministic for a given seed and input."""
+def _asks_foreign_tags(record: Record) -> bool:
+    # NegativePool leaves out the "other users" test: a user's own questions reveal its own tags,
+    # so they never qualify. A record whose questions name other tags would break that.
+    own = {_norm(t["tag"]) for t in record["tags"]}
+    return any(_norm(name) not in own for q in record["questions"] for name in q["tags"])
+
+
+def corrupt(records: Iterable[Record], *, seed: int = 0, negatives: int = 2,
+            roles: Iterable[str] = ROLES, pool: NegativePool | None = None) -> Iterator[Record]:
+    """All training examples for ``records``, deterministic for a given seed and input.
+
+    Streams: one record in memory at a time, plus ``pool``, the questions of every user that the
+    negatives are drawn from. Without ``pool`` the records are read twice (a list is made of
+    them first if they are a one-shot iterator), once to build it.
+    """
     roles = set(roles)
-    pool = [(str(r["id"]), q) for r in records for q in r["questions"]]
+    listed = None
+    if pool is None and negatives > 0 and "simulator" in roles:
+        if not isinstance(records, Sequence):
+            records = list(records)
+        pool = NegativePool.from_records(records)
+        listed = records
     for record in records:
         if "questioner" in roles:
             yield from questioner_examples(record)
         if "simulator" in roles:
             yield from simulator_examples(record)
-            # One generator per user: a user's negatives do not depend on where it sits in the file.
-            rng = random.Random(f"{seed}:{record['id']}")
-            yield from negative_examples(record, pool, negatives, rng)
+            if pool is not None:
+                # One generator per user: a user's negatives do not depend on where it sits in the file.
+                rng = random.Random(f"{seed}:{record['id']}")
+                if listed is not None and _asks_foreign_tags(record):
+                    # Unvalidated input: the full scan still gives the defined draw, slowly.
+                    yield from negative_examples(record, [(str(r["id"]), q) for r in listed for q in r["questions"]],
+                                                 negatives, rng)
+                else:
+                    yield from negative_examples(record, pool, negatives, rng)

@@ -94,3 +94,47 @@ def test_cli_rejects_uncovered_tags(tmp_path):
     assert result.stdout == ""
     skipped = run_cli("corrupt", path, "--skip-invalid")
     assert skipped.returncode == 0 and "skipped" in skipped.stderr
+
+
+# sha256 of `funnelqa corrupt forward.jsonl` (and with --seed 7 --negatives 5) on the shared
+# MovieLens forward records, as the implementation that scanned the whole pool per user wrote it.
+REFERENCE_SHA256 = {
+    (): "bc721a782cdeb30592584589921b07ebdaafcba8b9a1909cbef70038e15e758f",
+    ("--seed", "7", "--negatives", "5"): "983d93c8f2899102e17968a957a83359eb2265a047ec080986a1ea6ecbc1c801",
+}
+
+
+@pytest.mark.parametrize("options", list(REFERENCE_SHA256))
+def test_cli_output_is_byte_identical_to_the_full_scan(shared_forward, options):
+    import hashlib
+
+    result = run_cli("corrupt", shared_forward, *options)
+    assert result.returncode == 0, result.stderr
+    assert hashlib.sha256(result.stdout.encode("utf-8")).hexdigest() == REFERENCE_SHA256[options]
+    piped = run_cli("corrupt", "-", *options, input=shared_forward.read_text(encoding="utf-8"))
+    assert piped.stdout == result.stdout  # stdin is spooled and read twice like a file
+
+
+def _full_scan_negatives(loaded, seed, count):
+    import random
+
+    from funnelqa.corrupt import negative_examples
+
+    pool = [(str(r["id"]), q) for r in loaded for q in r["questions"]]
+    return [e for r in loaded for e in negative_examples(r, pool, count, random.Random(f"{seed}:{r['id']}"))]
+
+
+def test_indexed_pool_draws_what_the_full_scan_draws(shared_forward):
+    base = records.load_records(shared_forward, records.check_questions)[:60]
+    # Copies under new ids, some with their questions' texts kept: the same text asked of
+    # several users with different tags, which the index must merge like the scan does.
+    loaded = list(base)
+    for copy in (1, 2):
+        for r in base:
+            keep = copy == 2 and len(loaded) % 3 == 0
+            loaded.append({**r, "id": f"{r['id']}-c{copy}", "questions": [
+                {**q, "question": q["question"] if keep else f"{q['question']} ({copy})"} for q in r["questions"]]})
+    loaded[5] = {**loaded[5], "tags": loaded[5]["tags"][:1] + [{"tag": "Zzz only here", "content": "z"}] + loaded[5]["tags"][1:]}
+    for seed, count in ((0, 2), (3, 30), (5, 0)):
+        indexed = [e for e in corrupt(loaded, seed=seed, negatives=count, roles=("simulator",)) if e.get("negative")]
+        assert indexed == _full_scan_negatives(loaded, seed, count)
