@@ -2,7 +2,9 @@
 
 SQLite in WAL mode, so the processes of a shell pipe (structure | rank | ...) share it safely.
 A re-run of a stage costs no calls, and a killed run resumes where it stopped because every
-answer is stored the moment its batch returns.
+answer is stored the moment it arrives. Each answer is stored with its status: "ok", or why it
+is not an answer to serve again ("length", "blocked", "empty", "unusable"); only "ok" ones are
+served, the others are asked again on the next run.
 """
 
 from __future__ import annotations
@@ -40,8 +42,10 @@ class LLMCache:
             try:
                 self._db.execute("PRAGMA journal_mode=WAL")
                 self._db.execute(
-                    "CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, model TEXT, answer TEXT, created REAL)"
+                    "CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, model TEXT, answer TEXT, created REAL,"
+                    " status TEXT NOT NULL DEFAULT 'ok')"
                 )
+                self._add_status_column()
                 break
             except sqlite3.OperationalError as exc:
                 if "locked" not in str(exc) or attempt == 199:
@@ -49,22 +53,54 @@ class LLMCache:
                 time.sleep(0.05)
         self._db.execute("PRAGMA synchronous=NORMAL")
 
-    def get_many(self, keys: Iterable[str]) -> dict[str, str]:
+    def _add_status_column(self) -> None:
+        # Caches written before answers had a status hold answers only (and empty ones, which
+        # the reader below skips); several processes may race to add the column.
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(answers)")}
+        if "status" not in columns:
+            try:
+                self._db.execute("ALTER TABLE answers ADD COLUMN status TEXT NOT NULL DEFAULT 'ok'")
+            except sqlite3.OperationalError as exc:
+                if "duplicate column" not in str(exc):
+                    raise
+
+    def lookup(self, keys: Iterable[str]) -> tuple[dict[str, str], set[str]]:
+        """(answers to serve, keys stored with a failed status that must be asked again)."""
         keys = list(dict.fromkeys(keys))
         found: dict[str, str] = {}
+        stale: set[str] = set()
         for start in range(0, len(keys), 500):
             chunk = keys[start : start + 500]
             marks = ",".join("?" * len(chunk))
-            rows = self._db.execute(f"SELECT key, answer FROM answers WHERE key IN ({marks})", chunk)
-            found.update(rows.fetchall())
-        return found
+            rows = self._db.execute(f"SELECT key, answer, status FROM answers WHERE key IN ({marks})", chunk)
+            for key, answer, status in rows.fetchall():
+                if status == "ok" and answer.strip():
+                    found[key] = answer
+                else:
+                    stale.add(key)
+        return found, stale
+
+    def get_many(self, keys: Iterable[str]) -> dict[str, str]:
+        return self.lookup(keys)[0]
 
     def put_many(self, model_id: str, items: Iterable[tuple[str, str]]) -> None:
+        """Store answers; a backend ``Answer`` that did not finish normally keeps its finish as status."""
+        from funnelqa.backends import answer_status
+
         now = time.time()
+        rows = []
+        for key, answer in items:
+            finish, _ = answer_status(answer)
+            if finish == "failed":
+                continue  # no answer came: nothing to store
+            rows.append((key, model_id, str(answer), now, "ok" if finish == "stop" else finish))
         self._db.executemany(
-            "INSERT OR REPLACE INTO answers (key, model, answer, created) VALUES (?, ?, ?, ?)",
-            [(key, model_id, answer, now) for key, answer in items],
+            "INSERT OR REPLACE INTO answers (key, model, answer, created, status) VALUES (?, ?, ?, ?, ?)", rows
         )
+
+    def mark_unusable(self, keys: Iterable[str]) -> None:
+        """Keep the answers for inspection but never serve them again."""
+        self._db.executemany("UPDATE answers SET status = 'unusable' WHERE key = ?", [(key,) for key in keys])
 
     def __len__(self) -> int:
         return self._db.execute("SELECT COUNT(*) FROM answers").fetchone()[0]

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from funnelqa import records
-from funnelqa.backends import Backend, Request
+from funnelqa.backends import Backend, Request, answer_status
 from funnelqa.prompts import load
 from funnelqa.records import Record
 from funnelqa.render import extract_json, format_tags, match_tags
@@ -192,23 +192,56 @@ class StageSummary:
         return self.ok + self.failed + self.passed_through + self.resumed
 
 
+# A reply cut at its token budget is asked again with twice the budget, up to this many tokens.
+MAX_TOKENS_CAP = 8192
+
+
 def _retry_request(original: Request, output: str, reason: str) -> Request:
     # Showing the model its own answer and what was wrong changes the prompt, so even a greedy
-    # model answers differently, and the cache keeps each attempt apart.
+    # model answers differently, and the cache keeps each attempt apart. An empty reply is shown
+    # as a placeholder: APIs reject empty message parts (Gemini answers 400 INVALID_ARGUMENT).
     messages = original.messages + (
-        {"role": "assistant", "content": output},
+        {"role": "assistant", "content": output if output.strip() else "(empty reply)"},
         {"role": "user", "content": f"That reply is not valid: {reason}. Reply again with the corrected JSON only."},
     )
     return Request(messages=messages, max_tokens=original.max_tokens, temperature=original.temperature,
                    seed=original.seed, json_schema=original.json_schema)
 
 
+def _next_request(request: Request, text: str, finish: str, detail: str) -> tuple[Request | None, str]:
+    """The re-ask after an answer that did not finish normally, or None (with the reason) when none can help."""
+    if finish == "failed":
+        return None, detail  # the backend spent its own retries
+    if finish == "blocked":
+        return None, f"blocked by the model's safety filter ({detail})"
+    if finish == "length":
+        if request.max_tokens >= MAX_TOKENS_CAP:
+            return None, f"the answer was cut at its token budget ({detail}; the cap is {MAX_TOKENS_CAP})"
+        # The same conversation with more room: a cut answer says nothing wrong about the prompt.
+        return replace(request, max_tokens=min(MAX_TOKENS_CAP, 2 * request.max_tokens)), f"the answer was cut ({detail})"
+    reason = f"the reply was empty ({detail})" if detail else "the reply was empty"
+    return _retry_request(request, text, reason), reason
+
+
 def process_batch(stage: Stage, batch: list[Record], backend: Backend, retries: int,
                   summary: StageSummary, max_tokens: int | None = None) -> list[Record]:
-    """Run one batch through the model, retrying invalid answers; outputs in input order."""
+    """Run one batch through the model, retrying invalid answers; outputs in input order.
+
+    A record whose answer stays unusable (invalid, blocked, cut at ``MAX_TOKENS_CAP`` tokens,
+    or its calls failed for good) comes out with an ``error`` naming the cause; its answers are
+    dropped from the cache so a later run asks again.
+    """
     results: list[Record | None] = [None] * len(batch)
     pending = {i: stage.request(record, max_tokens or stage.max_tokens) for i, record in enumerate(batch)}
+    asked: dict[int, list[Request]] = {i: [] for i in pending}
     last: dict[int, tuple[str, str]] = {}
+    attempts: dict[int, int] = {}
+
+    def fail(i: int, text: str, message: str) -> None:
+        results[i] = {**batch[i], "error": {"stage": stage.name, "message": message, "output": text[:4000]}}
+        summary.failed += 1
+        backend.forget(asked[i])
+
     for attempt in range(retries + 1):
         if not pending:
             break
@@ -218,6 +251,18 @@ def process_batch(stage: Stage, batch: list[Record], backend: Backend, retries: 
         answers = backend.generate([pending[i] for i in order])
         retry: dict[int, Request] = {}
         for i, text in zip(order, answers):
+            asked[i].append(pending[i])
+            attempts[i] = attempt + 1
+            finish, detail = answer_status(text)
+            if finish != "stop":
+                following, reason = _next_request(pending[i], text, finish, detail)
+                if following is None:
+                    # A failed call already names its own attempts.
+                    fail(i, text, reason if finish == "failed" else f"{reason} (after {attempt + 1} attempt{'s' if attempt else ''})")
+                else:
+                    last[i] = (text, reason)
+                    retry[i] = following
+                continue
             try:
                 results[i] = stage.accept(batch[i], text)
             except (InvalidOutput, ValueError) as exc:
@@ -226,10 +271,8 @@ def process_batch(stage: Stage, batch: list[Record], backend: Backend, retries: 
         pending = retry
     for i in pending:
         text, reason = last[i]
-        results[i] = {**batch[i], "error": {"stage": stage.name, "message": f"{reason} (after {retries + 1} attempts)",
-                                            "output": text[:4000]}}
-        summary.failed += 1
-    summary.ok += len(batch) - len(pending)
+        fail(i, text, f"{reason} (after {attempts[i]} attempts)")
+    summary.ok += sum(1 for r in results if r is not None and "error" not in r)
     return [r for r in results if r is not None]
 
 

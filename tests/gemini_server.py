@@ -17,7 +17,15 @@ Faults, consumed first in, first out, one per request: an HTTP status such as ``
 ``"500"``, ``"400"``, ``"403"`` (answered with that status and the API's error body);
 ``"slow"`` (waits ``slow_seconds``, longer than any client timeout a test sets, then answers);
 ``"malformed"`` (status 200 with a body that is not JSON); and, for Gemini, ``"blocked"`` (a
-prompt blocked by the safety filter: no candidates) and ``"hollow"`` (status 200, body ``{}``).
+prompt blocked by the safety filter: promptFeedback.blockReason SAFETY, no candidates),
+``"safety"`` (a candidate stopped with finishReason SAFETY and no text), ``"no-candidates"``
+(``candidates: []``) and ``"hollow"`` (status 200, body ``{}``). A responder may also return
+``Fault("blocked")`` (any fault) to fail every request for one prompt, not just the next one.
+
+Like the real API, the Gemini fake answers 400 INVALID_ARGUMENT to a request holding an empty
+text part, cuts an answer longer than ``generationConfig.maxOutputTokens`` (4 characters a
+token) with finishReason MAX_TOKENS, attaches a RetryInfo to a 429 and, when ``retry_after``
+is set, a Retry-After header too.
 The server stops on ``__exit__`` and in any case after ``deadline_seconds``, so a stuck test
 cannot leave it running. ``LoopbackServer`` is the API-neutral part, for fakes of other APIs.
 """
@@ -35,6 +43,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 Responder = Callable[[dict[str, Any]], str]
+
+
+class Fault(str):
+    """What a responder returns to answer with a fault instead of text, e.g. ``Fault("500")``."""
 
 
 class LoopbackServer(ABC):
@@ -76,6 +88,10 @@ class LoopbackServer(ABC):
 
     def error_headers(self, status: int) -> dict[str, str]:
         return {}
+
+    def rejection(self, body: dict[str, Any]) -> tuple[int, str] | None:
+        """(status, message) for a request the API refuses whatever the faults, else None."""
+        return None
 
     def special_fault(self, fault: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
         """The 200 answer body for one of ``special_faults``."""
@@ -153,12 +169,20 @@ class LoopbackServer(ABC):
                 if not server.handles(path):
                     self._send(404, server.error_body(404, f"Method not found: {path}"))
                     return
+                rejected = server.rejection(body)
+                if rejected is not None:
+                    self._send(rejected[0], server.error_body(*rejected))
+                    return
                 fault = server._next_fault()
                 if fault is None or fault == "slow":
                     if fault == "slow" and server._stopping.wait(server.slow_seconds):
                         return
-                    self._send(200, server.answer_body(path, body, server.responder(body)))
-                elif fault.isdigit():
+                    text = server.responder(body)
+                    if not isinstance(text, Fault):
+                        self._send(200, server.answer_body(path, body, text))
+                        return
+                    fault = str(text)
+                if fault.isdigit():
                     status = int(fault)
                     phrase = HTTPStatus(status).phrase
                     self._send(status, server.error_body(status, f"Injected fault: {phrase}."), server.error_headers(status))
@@ -218,15 +242,33 @@ class FakeGeminiServer(LoopbackServer):
     def handles(self, path: str) -> bool:
         return _GENERATE_PATH.match(path) is not None
 
+    def __init__(self, responder: Responder | None = None, *, retry_after: str | None = None, **options: Any):
+        super().__init__(responder, **options)
+        self.retry_after = retry_after
+
+    def error_headers(self, status: int) -> dict[str, str]:
+        return {"Retry-After": self.retry_after} if status == 429 and self.retry_after is not None else {}
+
+    def rejection(self, body: dict[str, Any]) -> tuple[int, str] | None:
+        for content in body.get("contents", []):
+            for part in content.get("parts", []):
+                if "text" in part and not part["text"]:
+                    return 400, "Unable to submit request because it has an empty text parameter. Add a value to the parameter and try again."
+        return None
+
     def answer_body(self, path: str, body: dict[str, Any], text: str) -> dict[str, Any]:
         model = _GENERATE_PATH.match(path)["model"]
         prompt_tokens = len(json.dumps(body.get("contents", [])).split())
-        answer_tokens = len(text.split())
+        finish = "STOP"
+        budget = (body.get("generationConfig") or {}).get("maxOutputTokens")
+        if budget is not None and len(text) > 4 * budget:
+            text, finish = text[: 4 * budget], "MAX_TOKENS"
+        answer_tokens = -(-len(text) // 4)
         return {
             "candidates": [
                 {
                     "content": {"parts": [{"text": text}], "role": "model"},
-                    "finishReason": "STOP",
+                    "finishReason": finish,
                     "index": 0,
                 }
             ],
@@ -246,11 +288,25 @@ class FakeGeminiServer(LoopbackServer):
             error["details"] = [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "0s"}]
         return {"error": error}
 
-    special_faults = frozenset({"blocked", "hollow"})
+    special_faults = frozenset({"blocked", "safety", "no-candidates", "hollow"})
 
     def special_fault(self, fault: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
         if fault == "hollow":
             return {}
+        usage = {"promptTokenCount": 1, "totalTokenCount": 1}
+        if fault == "no-candidates":
+            return {"candidates": [], "usageMetadata": usage, "modelVersion": _GENERATE_PATH.match(path)["model"]}
+        if fault == "safety":
+            # The real API sends the candidate without content when it stops for safety.
+            return {
+                "candidates": [{
+                    "finishReason": "SAFETY",
+                    "index": 0,
+                    "safetyRatings": [{"category": "HARM_CATEGORY_DANGEROUS_CONTENT", "probability": "HIGH", "blocked": True}],
+                }],
+                "usageMetadata": usage,
+                "modelVersion": _GENERATE_PATH.match(path)["model"],
+            }
         return {
             "promptFeedback": {
                 "blockReason": "SAFETY",

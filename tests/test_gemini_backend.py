@@ -12,7 +12,7 @@ from funnelqa.backends import BackendOptions, CachedBackend, Request, load_backe
 from funnelqa.backends.gemini import GeminiBackend, retry_delay_hint
 from funnelqa.cache import LLMCache
 from funnelqa.errors import BackendError, BackendUnavailable, UsageError
-from tests.gemini_server import FakeGeminiServer, gemini_prompt_text
+from tests.gemini_server import FakeGeminiServer, Fault, gemini_prompt_text
 
 MODEL = "gemini-2.0-flash"
 
@@ -124,33 +124,96 @@ def test_a_json_body_without_candidates_or_prompt_feedback_is_retried(server, co
     assert len(server.requests) == 3
 
 
-def test_a_persistent_server_error_fails_after_the_last_retry(server, connect):
+def test_a_persistent_server_error_fails_that_request_after_the_last_retry(server, connect):
     server.inject(*["500"] * 3)
-    with pytest.raises(BackendError) as failure:
-        connect(max_retries=2).generate(questions(1))
-    message = str(failure.value)
-    assert "500" in message and MODEL in message and "3 attempts" in message
-    assert "\n" not in message
+    [answer] = connect(max_retries=2).generate(questions(1))
+    assert answer == "" and answer.finish == "failed"
+    assert "500" in answer.detail and MODEL in answer.detail and "3 attempts" in answer.detail
+    assert "\n" not in answer.detail
     assert len(server.requests) == 3
 
 
-@pytest.mark.parametrize(
-    ("status", "error"),
-    [("400", BackendError), ("404", BackendError), ("401", BackendUnavailable), ("403", BackendUnavailable)],
-)
-def test_client_errors_are_not_retried(server, status, error, connect):
+def test_a_bad_request_fails_that_request_alone_without_retries(server, connect):
+    server.inject("400")
+    [answer] = connect().generate(questions(1))
+    assert answer.finish == "failed" and "HTTP 400" in answer.detail and "Injected fault" in answer.detail
+    assert len(server.requests) == 1
+
+
+@pytest.mark.parametrize("status", ["404", "401", "403"])
+def test_faults_no_request_can_pass_stop_the_batch_without_retries(server, status, connect):
     server.inject(status)
-    with pytest.raises(error) as failure:
+    with pytest.raises(BackendUnavailable) as failure:
         connect().generate(questions(1))
     assert f"HTTP {status}" in str(failure.value) and "Injected fault" in str(failure.value)
     assert len(server.requests) == 1
 
 
-def test_a_blocked_prompt_answers_empty_text(server, connect):
+def test_one_request_failing_for_good_leaves_its_batch_mates_answered(connect, server, capsys):
+    def respond(body):
+        return Fault("500") if gemini_prompt_text(body) == "question 2" else server.echo(body)
+
+    server.responder = respond
+    answers = connect(max_retries=2).generate(questions(5))
+    assert [str(a) for a in answers] == [f"echo: question {i}" if i != 2 else "" for i in range(5)]
+    assert answers[2].finish == "failed" and "gave up after 3 attempts: HTTP 500" in answers[2].detail
+    assert len(server.requests) == 4 + 3
+    waits = [line for line in capsys.readouterr().err.splitlines() if "retry" in line]
+    assert len(waits) == 2 and all("HTTP 500" in line for line in waits)
+
+
+def test_a_blocked_prompt_answers_empty_text_naming_the_block(server, connect):
     server.inject("blocked")
     # One worker, so the fault meets the first question.
-    assert connect(concurrency=1).generate(questions(2)) == ["", "echo: question 1"]
+    answers = connect(concurrency=1).generate(questions(2))
+    assert answers == ["", "echo: question 1"]
+    assert answers[0].finish == "blocked" and "promptFeedback.blockReason SAFETY" in answers[0].detail
     assert len(server.requests) == 2
+
+
+def test_safety_stops_max_tokens_cuts_and_empty_candidates_are_named(server, connect):
+    server.inject("safety", "no-candidates")
+    backend = connect(concurrency=1)
+    safety, empty = backend.generate(questions(2))
+    assert safety.finish == "blocked" and "finishReason SAFETY" in safety.detail and "DANGEROUS" in safety.detail
+    assert empty.finish == "empty" and "no candidates" in empty.detail
+    [cut] = backend.generate([Request.chat(None, "x" * 100, max_tokens=8)])
+    assert cut.finish == "length" and cut.detail == "finishReason MAX_TOKENS at maxOutputTokens=8"
+    assert cut == ("echo: " + "x" * 100)[:32]
+
+
+def test_the_server_rejects_empty_parts_and_the_backend_never_sends_them(server, connect):
+    import httpx
+
+    reply = httpx.post(f"{server.url}/v1beta/models/{MODEL}:generateContent",
+                       json={"contents": [{"role": "user", "parts": [{"text": ""}]}]})
+    assert reply.status_code == 400 and reply.json()["error"]["status"] == "INVALID_ARGUMENT"
+    empty_turn = Request(messages=({"role": "user", "content": "hi"}, {"role": "assistant", "content": ""},
+                                   {"role": "user", "content": "again"}))
+    [answer] = connect().generate([empty_turn])
+    assert answer.finish == "failed" and "empty" in answer.detail
+    assert len(server.requests) == 1  # only the probe above reached the server
+
+
+def test_retry_after_header_is_honoured_and_logged(capsys, monkeypatch):
+    from funnelqa.backends import http_retry
+
+    hints = []
+
+    def no_wait(attempt, base, cap, retry_after, rng):
+        hints.append(retry_after)
+        return 0.0
+
+    monkeypatch.setattr(http_retry, "backoff_delay", no_wait)
+    with FakeGeminiServer(retry_after="7") as fake:
+        fake.inject("429")
+        # The RetryInfo of this fake says 0 s; without it the header's 7 s count.
+        fake.error_body = lambda status, message: {"error": {"code": status, "message": message, "status": "RESOURCE_EXHAUSTED"}}
+        with closing(GeminiBackend(MODEL, "test-key", base_url=fake.url, timeout=5, max_retries=1, concurrency=1)) as backend:
+            assert backend.generate(questions(1)) == ["echo: question 0"]
+            assert backend.counters() == {"http_retries": 1}
+    assert hints == [7.0]
+    assert "the server asked for 7 s" in capsys.readouterr().err
 
 
 def test_nothing_listening_is_reported_as_unavailable():

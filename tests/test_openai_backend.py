@@ -21,9 +21,10 @@ MODEL = "qwen2.5-7b-instruct"
 
 
 class FakeOpenAIServer(LoopbackServer):
-    """``POST /v1/chat/completions`` as vLLM and llama.cpp serve it; ``"null"`` answers content null."""
+    """``POST /v1/chat/completions`` as vLLM and llama.cpp serve it; ``"null"`` answers content null,
+    ``"no-choices"`` answers ``choices: []`` and ``"length"`` a reply cut at max_tokens."""
 
-    special_faults = frozenset({"null"})
+    special_faults = frozenset({"null", "no-choices", "length"})
 
     @staticmethod
     def echo(body: dict[str, Any]) -> str:
@@ -49,6 +50,12 @@ class FakeOpenAIServer(LoopbackServer):
         return {"Retry-After": "0"} if status == 429 else {}
 
     def special_fault(self, fault: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        if fault == "no-choices":
+            return {**self.answer_body(path, body, None), "choices": []}
+        if fault == "length":
+            answer = self.answer_body(path, body, '{"tags": [{"tag": "Gen')
+            answer["choices"][0]["finish_reason"] = "length"
+            return answer
         return self.answer_body(path, body, None)
 
 
@@ -147,22 +154,39 @@ def test_rate_limits_server_errors_timeouts_and_garbled_bodies_are_retried(serve
     assert len(server.requests) == 5 + 5
 
 
-def test_a_persistent_server_error_fails_after_the_last_retry(server, connect):
+def test_a_persistent_server_error_fails_that_request_after_the_last_retry(server, connect):
     server.inject(*["503"] * 3)
-    with pytest.raises(BackendError) as failure:
-        connect(max_retries=2).generate(questions(1))
-    assert "503" in str(failure.value) and MODEL in str(failure.value) and "3 attempts" in str(failure.value)
+    [answer] = connect(max_retries=2).generate(questions(1))
+    assert answer.finish == "failed"
+    assert "503" in answer.detail and MODEL in answer.detail and "3 attempts" in answer.detail
     assert len(server.requests) == 3
 
 
-@pytest.mark.parametrize(("status", "error"), [("400", BackendError), ("401", BackendUnavailable)])
-def test_client_errors_are_not_retried_and_keep_the_server_message(server, status, error, connect):
-    server.inject(status)
-    with pytest.raises(error, match="Injected fault") as failure:
+def test_one_request_failing_for_good_leaves_its_batch_mates_answered(server, connect):
+    from tests.gemini_server import Fault
+
+    server.responder = lambda body: Fault("500") if last_user_text(body) == "question 1" else server.echo(body)
+    answers = connect(max_retries=1).generate(questions(4))
+    assert answers == ["echo: question 0", "", "echo: question 2", "echo: question 3"]
+    assert answers[1].finish == "failed" and "HTTP 500" in answers[1].detail
+    assert len(server.requests) == 3 + 2
+
+
+def test_client_errors_are_not_retried_and_keep_the_server_message(server, connect):
+    server.inject("400", "401")
+    [answer] = connect().generate(questions(1))
+    assert answer.finish == "failed" and "Injected fault" in answer.detail
+    with pytest.raises(BackendUnavailable, match="Injected fault") as failure:
         connect().generate(questions(1))
-    assert len(server.requests) == 1
-    if error is BackendUnavailable:
-        assert "OPENAI_API_KEY" in str(failure.value)
+    assert len(server.requests) == 2
+    assert "OPENAI_API_KEY" in str(failure.value)
+
+
+def test_no_choices_and_cut_replies_are_named_like_geminis(server, connect):
+    server.inject("no-choices", "length")
+    empty, cut = connect(concurrency=1).generate(questions(2, max_tokens=16))
+    assert empty.finish == "empty" and "no choices" in empty.detail
+    assert cut.finish == "length" and cut.detail == "finish_reason length at max_tokens=16"
 
 
 def test_null_content_answers_empty_text(server, connect):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -46,6 +46,35 @@ class Request:
         return data
 
 
+class Answer(str):
+    """A model's reply text, plus how the reply ended when that was not a plain, complete stop.
+
+    A plain ``str`` from a backend means a complete answer. ``finish`` is one of:
+    "stop" (complete), "length" (cut at the token budget), "blocked" (a safety filter refused the
+    prompt or the answer), "empty" (no text, no stated reason) and "failed" (no answer at all:
+    the calls failed for good after their retries). ``detail`` names the cause in the API's own
+    terms, e.g. "finishReason MAX_TOKENS at maxOutputTokens=32".
+    """
+
+    finish: str
+    detail: str
+
+    def __new__(cls, text: str = "", finish: str = "stop", detail: str = "") -> Answer:
+        answer = super().__new__(cls, text)
+        answer.finish = finish
+        answer.detail = detail
+        return answer
+
+
+def answer_status(answer: str) -> tuple[str, str]:
+    """(finish, detail) of any backend's answer; blank text that claims a stop counts as "empty"."""
+    finish = getattr(answer, "finish", "stop")
+    detail = getattr(answer, "detail", "")
+    if finish == "stop" and not answer.strip():
+        return "empty", detail or "the model answered with no text"
+    return finish, detail
+
+
 @dataclass
 class BackendOptions:
     """Knobs a backend may use; each takes the ones that mean something to it."""
@@ -73,7 +102,25 @@ class Backend(ABC):
 
     @abstractmethod
     def generate(self, requests: Sequence[Request]) -> list[str]:
-        """Answer every request, in order."""
+        """Answer every request, in order.
+
+        A request that cannot be answered for good comes back as an ``Answer`` whose finish says
+        why, so its batch-mates still get theirs; only a backend that cannot work at all raises.
+        """
+
+    def generate_each(self, requests: Sequence[Request], on_answer: Callable[[int, str], None]) -> list[str]:
+        """``generate``, handing each answer (by its index) to ``on_answer`` as soon as it arrives."""
+        answers = self.generate(requests)
+        for index, answer in enumerate(answers):
+            on_answer(index, answer)
+        return answers
+
+    def forget(self, requests: Sequence[Request]) -> None:
+        """The answers to ``requests`` proved unusable: do not serve them again (a cache drops them)."""
+
+    def counters(self) -> dict[str, int]:
+        """Counts for the stage summary, e.g. {"calls": 40, "from_cache": 12, "http_retries": 3}."""
+        return {}
 
     def close(self) -> None:
         pass
@@ -100,7 +147,11 @@ def load_backend(spec: str, options: BackendOptions | None = None) -> Backend:
 
 
 class CachedBackend(Backend):
-    """Serves repeated requests from the on-disk cache and stores new answers batch by batch."""
+    """Serves repeated requests from the on-disk cache and stores each new answer as it arrives.
+
+    Only complete answers are served again: a reply that was blocked, cut, empty or later found
+    unusable (``forget``) is asked again on the next run, and counted in ``refreshed``.
+    """
 
     def __init__(self, inner: Backend, cache):
         self.inner = inner
@@ -109,29 +160,47 @@ class CachedBackend(Backend):
         self.batch_size = inner.batch_size
         self.calls = 0
         self.hits = 0
+        self.refreshed = 0
 
     @property
     def cache_id(self) -> str:
         return self.inner.cache_id
 
-    def generate(self, requests: Sequence[Request]) -> list[str]:
+    def _keys(self, requests: Sequence[Request]) -> list[str]:
         from funnelqa.cache import cache_key
 
-        keys = [cache_key(self.inner.cache_id, r.payload()) for r in requests]
-        found = self.cache.get_many(keys)
+        return [cache_key(self.inner.cache_id, r.payload()) for r in requests]
+
+    def generate(self, requests: Sequence[Request]) -> list[str]:
+        keys = self._keys(requests)
+        found, stale = self.cache.lookup(keys)
         missing = [i for i, key in enumerate(keys) if key not in found]
         self.hits += len(requests) - len(missing)
         # Identical requests in one batch are asked once.
         unique: dict[str, int] = {}
         for i in missing:
             unique.setdefault(keys[i], i)
-        for start in range(0, len(unique), max(1, self.inner.batch_size)):
-            chunk = list(unique.items())[start : start + max(1, self.inner.batch_size)]
-            answers = self.inner.generate([requests[i] for _, i in chunk])
+        self.refreshed += sum(key in stale for key in unique)
+        step = max(1, self.inner.batch_size)
+        items = list(unique.items())
+        for start in range(0, len(items), step):
+            chunk = items[start : start + step]
+
+            def arrived(index: int, answer: str, chunk=chunk) -> None:
+                key = chunk[index][0]
+                found[key] = answer
+                # Stored the moment it arrives: a crash or a failed batch-mate loses nothing bought.
+                self.cache.put_many(self.inner.cache_id, [(key, answer)])
+
+            self.inner.generate_each([requests[i] for _, i in chunk], arrived)
             self.calls += len(chunk)
-            self.cache.put_many(self.inner.cache_id, [(key, a) for (key, _), a in zip(chunk, answers)])
-            found.update({key: a for (key, _), a in zip(chunk, answers)})
         return [found[key] for key in keys]
+
+    def forget(self, requests: Sequence[Request]) -> None:
+        self.cache.mark_unusable(self._keys(requests))
+
+    def counters(self) -> dict[str, int]:
+        return {"calls": self.calls, "from_cache": self.hits, "refreshed": self.refreshed, **self.inner.counters()}
 
     def close(self) -> None:
         self.inner.close()

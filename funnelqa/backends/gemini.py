@@ -18,12 +18,13 @@ from google import genai
 from google.genai import errors as genai_errors
 from google.genai import types
 
-from funnelqa.backends import BackendOptions, Request
+from funnelqa.backends import Answer, BackendOptions, Request
 from funnelqa.backends.http_retry import (
     HTTPBackend,
     RetryableFailure,
     failure_for_status,
     make_http_client,
+    parse_retry_after,
     transport_failure,
 )
 from funnelqa.errors import BackendUnavailable, UsageError
@@ -47,13 +48,54 @@ def retry_delay_hint(error_details: Any) -> float | None:
 
 
 def answer_text(response: Any) -> str:
-    """The text of the first candidate. A blocked prompt or an empty candidate gives ""; callers validate."""
+    """The text of the first candidate. A blocked prompt or an empty candidate gives ""."""
     if not response.candidates:
         return ""
     content = response.candidates[0].content
     if content is None or not content.parts:
         return ""
     return "".join(part.text for part in content.parts if part.text and not part.thought)
+
+
+# Finish reasons that mean a filter stopped the answer (the rest of the API's list: STOP, MAX_TOKENS,
+# OTHER, and tool-call faults).
+_BLOCKING_FINISH = frozenset({"SAFETY", "RECITATION", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII", "IMAGE_SAFETY"})
+
+
+def _name(value: Any) -> str:
+    return str(getattr(value, "value", value) or "")
+
+
+def answer_of(response: Any, max_tokens: int) -> Answer:
+    """The first candidate's text with how it ended: blocked, cut at ``max_tokens``, empty or complete."""
+    text = answer_text(response)
+    if not response.candidates:
+        feedback = response.prompt_feedback
+        reason = _name(feedback.block_reason) if feedback is not None else ""
+        if reason:
+            message = f": {feedback.block_reason_message}" if feedback.block_reason_message else ""
+            return Answer("", "blocked", f"prompt blocked: promptFeedback.blockReason {reason}{message}")
+        return Answer("", "empty", "no candidates in the answer")
+    finish = _name(response.candidates[0].finish_reason)
+    if finish == "MAX_TOKENS":
+        return Answer(text, "length", f"finishReason MAX_TOKENS at maxOutputTokens={max_tokens}")
+    if finish in _BLOCKING_FINISH:
+        ratings = response.candidates[0].safety_ratings or []
+        flagged = [_name(r.category) for r in ratings if r.blocked]
+        return Answer(text, "blocked", f"answer blocked: finishReason {finish}" + (f" ({', '.join(flagged)})" if flagged else ""))
+    if not text.strip():
+        return Answer("", "empty", f"an empty candidate (finishReason {finish or 'unset'})")
+    return Answer(text)
+
+
+def _retry_after(exc: genai_errors.APIError) -> float | None:
+    """The server's wait hint: Google's RetryInfo in the body, else a Retry-After header."""
+    hint = retry_delay_hint(exc.details)
+    if hint is None:
+        headers = getattr(getattr(exc, "response", None), "headers", None)
+        if headers is not None:
+            hint = parse_retry_after(headers.get("retry-after"))
+    return hint
 
 
 class GeminiBackend(HTTPBackend):
@@ -103,7 +145,8 @@ class GeminiBackend(HTTPBackend):
             max_retries=options.max_retries,
         )
 
-    def _contents_and_config(self, request: Request) -> tuple[list[Any], Any]:
+    def _contents_and_config(self, request: Request) -> tuple[list[Any] | None, Any]:
+        """The API's contents and config; (None, reason) for a request the API would reject with a 400."""
         system_parts = [m["content"] for m in request.messages if m["role"] == "system"]
         contents = []
         for message in request.messages:
@@ -112,6 +155,8 @@ class GeminiBackend(HTTPBackend):
             role = _ROLES.get(message["role"])
             if role is None:
                 raise UsageError(f"{self.label}: unknown message role {message['role']!r}; use system, user or assistant")
+            if not message["content"].strip():
+                return None, f"a {message['role']} message is empty, and the Gemini API rejects empty parts"
             contents.append(types.Content(role=role, parts=[types.Part(text=message["content"])]))
         config = types.GenerateContentConfig(
             system_instruction="\n\n".join(system_parts) or None,
@@ -128,6 +173,8 @@ class GeminiBackend(HTTPBackend):
 
     def call_once(self, request: Request) -> str:
         contents, config = self._contents_and_config(request)
+        if contents is None:
+            return Answer("", "failed", f"{self.label}: not sent: {config}")
         try:
             response = self.client.models.generate_content(model=self.model, contents=contents, config=config)
         except genai_errors.APIError as exc:
@@ -135,7 +182,7 @@ class GeminiBackend(HTTPBackend):
                 self.label,
                 exc.code,
                 f"{exc.status or ''} {exc.message or ''}",
-                retry_after=retry_delay_hint(exc.details),
+                retry_after=_retry_after(exc),
                 auth_hint="check GEMINI_API_KEY",
             ) from exc
         except (genai_errors.UnknownApiResponseError, json.JSONDecodeError) as exc:
@@ -147,7 +194,7 @@ class GeminiBackend(HTTPBackend):
         if response.candidates is None and response.prompt_feedback is None:
             # The API always sends one or the other (promptFeedback when it blocks the prompt).
             raise RetryableFailure("the answer has neither candidates nor promptFeedback")
-        return answer_text(response)
+        return answer_of(response, request.max_tokens)
 
     def close(self) -> None:
         self.client.close()

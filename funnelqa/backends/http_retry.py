@@ -4,25 +4,31 @@ A backend subclasses ``HTTPBackend`` and writes one round trip, ``call_once``. I
 ``RetryableFailure`` for what another try may fix (rate limit, server error, timeout, a body we
 cannot read) and a ``FunnelQAError`` for what it cannot (bad request, rejected key). The retry
 policy lives here only, so both backends behave alike and their clients' own retries stay off.
+
+A request that fails for good (a bad request, retries spent) becomes a failed ``Answer`` and its
+batch-mates go on; only a fault that no request can get past (no server, a rejected key, an
+unknown model) stops the batch. Each wait is logged on stderr with its reason.
 """
 
 from __future__ import annotations
 
+import os
 import random
 import threading
 from abc import abstractmethod
-from collections.abc import Sequence
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
 
 import httpx
 
-from funnelqa.backends import Backend, Request
+from funnelqa.backends import Answer, Backend, Request
 from funnelqa.errors import BackendError, BackendUnavailable
 
 # 408 and 409 are what proxies and overloaded servers answer for "try again"; 429 is a rate
 # limit; any 5xx may be a passing overload or a restart.
 RETRYABLE_STATUS = frozenset({408, 409, 429})
 AUTH_STATUS = frozenset({401, 403})
+BACKOFF_ENV = "FUNNELQA_BACKOFF_BASE"
 
 
 class RetryableFailure(Exception):
@@ -67,6 +73,9 @@ def failure_for_status(label: str, status: int, message: str, *, retry_after: fl
         return RetryableFailure(f"HTTP {status}: {detail}", retry_after=retry_after)
     if status in AUTH_STATUS:
         return BackendUnavailable(f"{label}: HTTP {status}: {detail} ({auth_hint})")
+    if status == 404:
+        # An unknown model or endpoint: every other request would get the same answer.
+        return BackendUnavailable(f"{label}: HTTP 404: {detail} (check the model name and base URL)")
     return BackendError(f"{label}: HTTP {status}: {detail}")
 
 
@@ -89,7 +98,14 @@ def make_http_client(timeout: float, concurrency: int, **kwargs) -> httpx.Client
 
 
 class _Abandoned(BackendError):
-    """A sibling request of the batch failed for good, so this one stops retrying."""
+    """The batch stopped (no server, Ctrl-C), so this request stops retrying."""
+
+
+def _log_wait(message: str) -> None:
+    from funnelqa.console import stderr
+
+    # The reason quotes the server, whose brackets are not rich markup.
+    stderr.print(message, markup=False, highlight=False)
 
 
 class HTTPBackend(Backend):
@@ -108,46 +124,71 @@ class HTTPBackend(Backend):
         # Enough requests per batch to keep every worker busy while a few wait on retries.
         self.batch_size = 4 * self.concurrency
         self._rng = random.Random()
+        # FUNNELQA_BACKOFF_BASE (seconds) shortens the waits for a loopback server or a test.
+        if os.environ.get(BACKOFF_ENV):
+            self.backoff_base = float(os.environ[BACKOFF_ENV])
+        self._lock = threading.Lock()
+        self.http_retries = 0
 
     @abstractmethod
     def call_once(self, request: Request) -> str:
         """One round trip. Raise RetryableFailure when another try may help, a FunnelQAError when not."""
 
+    def counters(self) -> dict[str, int]:
+        return {"http_retries": self.http_retries}
+
     def generate(self, requests: Sequence[Request]) -> list[str]:
+        return self.generate_each(requests, lambda index, answer: None)
+
+    def generate_each(self, requests: Sequence[Request], on_answer: Callable[[int, str], None]) -> list[str]:
         stop = threading.Event()
+        answers: list[str] = [""] * len(requests)
         if len(requests) <= 1 or self.concurrency == 1:
-            return [self._call_with_retries(request, stop) for request in requests]
+            for index, request in enumerate(requests):
+                answers[index] = self._call_with_retries(request, stop)
+                on_answer(index, answers[index])
+            return answers
         pool = ThreadPoolExecutor(max_workers=min(self.concurrency, len(requests)), thread_name_prefix="funnelqa-http")
-        futures = [pool.submit(self._call_with_retries, request, stop) for request in requests]
+        futures = {pool.submit(self._call_with_retries, request, stop): index for index, request in enumerate(requests)}
         try:
-            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-            failed = next((future for future in futures if future in done and future.exception()), None)
-            if failed is not None:
-                raise failed.exception()
+            for future in as_completed(futures):
+                index = futures[future]
+                answers[index] = future.result()  # raises only for a fault that stops every request
+                on_answer(index, answers[index])
         except BaseException:
-            # One request failed for good (or the user pressed Ctrl-C): the batch is lost anyway,
-            # so the other workers stop at once instead of spending their retries.
+            # No server, a rejected key or Ctrl-C: the other workers stop at once instead of
+            # spending their retries; the answers that arrived were handed over already.
             stop.set()
             pool.shutdown(wait=False, cancel_futures=True)
             raise
         pool.shutdown()
-        return [future.result() for future in futures]
+        return answers
 
     def _call_with_retries(self, request: Request, stop: threading.Event) -> str:
         attempts = self.max_retries + 1
         for attempt in range(attempts):
+            if stop.is_set():
+                raise _Abandoned(f"{self.label}: abandoned: the batch stopped")
             try:
                 return self.call_once(request)
             except RetryableFailure as failure:
                 last = failure
+            except BackendUnavailable:
+                raise
+            except BackendError as exc:
+                # This request is wrong (e.g. HTTP 400); the others may be fine.
+                return Answer("", "failed", str(exc))
             if attempt + 1 < attempts:
                 delay = backoff_delay(attempt, self.backoff_base, self.backoff_cap, last.retry_after, self._rng)
+                hint = f", the server asked for {last.retry_after:g} s" if last.retry_after is not None else ""
+                _log_wait(f"{self.label}: {last.reason}; retry {attempt + 1} of {self.max_retries} in {delay:.1f} s{hint}")
+                with self._lock:
+                    self.http_retries += 1
                 if stop.wait(delay):
-                    raise _Abandoned(f"{self.label}: abandoned after a sibling request failed")
+                    raise _Abandoned(f"{self.label}: abandoned: the batch stopped")
         tries = f"{attempts} attempt{'s' if attempts > 1 else ''}"
         if last.unreachable:
             raise BackendUnavailable(
                 f"no server answers at {self.base_url} ({last.reason}; {tries}); start it or fix the URL"
             )
-        raise BackendError(f"{self.label}: gave up after {tries}: {last.reason}")
-
+        return Answer("", "failed", f"{self.label}: gave up after {tries}: {last.reason}")

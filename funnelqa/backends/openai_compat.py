@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx
 
-from funnelqa.backends import BackendOptions, Request
+from funnelqa.backends import Answer, BackendOptions, Request
 from funnelqa.backends.http_retry import (
     HTTPBackend,
     RetryableFailure,
@@ -114,13 +114,26 @@ class OpenAIBackend(HTTPBackend):
                 auth_hint=f"check {KEY_ENV}",
             )
         try:
-            message = response.json()["choices"][0]["message"]
-        except (json.JSONDecodeError, KeyError, IndexError, TypeError) as exc:
+            choices = response.json()["choices"]
+            if not choices:
+                # Like Gemini's empty candidates: an answer that says nothing, for the caller to report.
+                return Answer("", "empty", "no choices in the answer")
+            message = choices[0]["message"]
+            finish = choices[0].get("finish_reason")
+        except (json.JSONDecodeError, KeyError, IndexError, TypeError, AttributeError) as exc:
             raise RetryableFailure("the answer body is not a chat completion") from exc
         if not isinstance(message, dict) or not isinstance(message.get("content"), (str, type(None))):
             raise RetryableFailure("the answer's message is not a chat message with text")
-        # A refusal or a tool call leaves no content; like an empty answer, the caller validates it.
-        return message.get("content") or ""
+        text = message.get("content") or ""
+        if finish == "length":
+            return Answer(text, "length", f"finish_reason length at max_tokens={request.max_tokens}")
+        if finish == "content_filter" or message.get("refusal"):
+            refusal = f": {message['refusal']}" if message.get("refusal") else ""
+            return Answer(text, "blocked", f"finish_reason {finish}{refusal}")
+        if not text.strip():
+            # A tool call or a bare stop leaves no content.
+            return Answer("", "empty", f"no text in the message (finish_reason {finish})")
+        return Answer(text)
 
     def close(self) -> None:
         self._http.close()

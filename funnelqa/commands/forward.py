@@ -40,12 +40,16 @@ def run_forward(stage_name: str, source: str, out: Optional[Path], model: str, *
         task = bar.add_task(stage_name, total=None, status="")
         summary = run_stage(stage, inputs, backend, writer, retries=retries, batch_size=batch_size,
                             max_tokens=max_tokens, on_progress=lambda n: bar.advance(task, n))
-    calls = getattr(backend, "calls", None)
-    cache_note = f", {calls} model calls, {backend.hits} from cache" if calls is not None else ""
+    counts = backend.counters()
+    cache_note = f", {counts['calls']} model calls, {counts['from_cache']} from cache" if "calls" in counts else ""
+    if counts.get("refreshed"):
+        cache_note += f", {counts['refreshed']} cached failures asked again"
+    if "http_retries" in counts:
+        cache_note += f", {counts['http_retries']} HTTP retries"
     stderr.print(
         f"{stage_name}: {summary.ok} ok, {summary.failed} failed (written with 'error'), "
         f"{summary.passed_through} passed through with earlier errors, {summary.resumed} resumed, "
-        f"{len(invalid)} invalid input lines skipped, {summary.retried} retries{cache_note}"
+        f"{len(invalid)} invalid input lines skipped, {summary.retried} re-asks{cache_note}"
     )
 
 
