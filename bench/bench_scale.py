@@ -26,7 +26,10 @@ SHARED_FORWARD = REPO.parent / "shared" / "data" / "movielens-100k" / "forward.j
 
 
 def replicate(records: list[dict], n: int) -> list[dict]:
-    """``n`` forward records: copy k of record r gets id ``{id}-c{k}`` and questions marked ``(k)``."""
+    """``n`` forward records: copy k of record r gets id ``{id}-c{k}``, its questions and tag contents marked ``(k)``.
+
+    The marks keep every text distinct, so no stage can profit from repeated inputs that real data lacks.
+    """
     out = []
     for i in range(n):
         copy, record = divmod(i, len(records))
@@ -35,6 +38,7 @@ def replicate(records: list[dict], n: int) -> list[dict]:
             record = {
                 **record,
                 "id": f"{record['id']}-c{copy}",
+                "tags": [{**t, "content": f"{t['content']} ({copy})"} for t in record["tags"]],
                 "questions": [{**q, "question": f"{q['question']} ({copy})"} for q in record["questions"]],
             }
         out.append(record)

@@ -13,12 +13,14 @@ revealed and its generality (its index in the ranked target list).
 from __future__ import annotations
 
 import collections
-from collections.abc import Sequence
+import math
+from array import array
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from funnelqa import metrics
 from funnelqa.errors import InputError, UsageError
-from funnelqa.records import Record, RecordWriter, check_session, load_records, source_name
+from funnelqa.records import Record, RecordWriter, check_session, read_records, source_name
 
 
 def profile_text(tags: Sequence[dict]) -> str:
@@ -93,30 +95,203 @@ def concept_ranks(sessions: Sequence[Record]) -> list[dict]:
     return sorted(rows, key=lambda row: (row["wr"], -row["sessions"], row["concept"]))
 
 
-def score_sessions(sessions: Sequence[Record], *, seed: int = 0, cache: metrics.RougeCache | None = None) -> dict:
-    """Every number of one system (one session file)."""
-    if not sessions:
-        raise UsageError("no sessions to score")
-    cache = cache or metrics.RougeCache()
-    targets = [session["target"] for session in sessions]
-    finals = [session["elicited"] for session in sessions]
-    turns = [turn for session in sessions for turn in session["turns"]]
-    horizon = max(max(session.get("max_questions") or 0, len(session["turns"])) for session in sessions)
+def _bleu_stats(prediction: str, reference: tuple[int, collections.Counter], max_order: int = 4) -> list[int]:
+    """One pair's additive BLEU counts: matches[4], possible[4], reference and translation length.
 
-    summary: dict = text_scores(finals, targets, seed=seed, cache=cache, interval=True)
-    summary["unanswered_rate"] = sum(not turn["answered"] for turn in turns) / len(turns) if turns else None
-    summary["questions_asked"] = metrics.mean(len(session["turns"]) for session in sessions)
-    summary["complete_rate"] = metrics.mean(float(tag_recall(e, t) == 1.0) for e, t in zip(finals, targets))
+    The per-pair half of ``metrics.bleu``, so a corpus BLEU can be summed over a stream of pairs.
+    ``reference`` is ``_bleu_reference(text)``, made once per session. N-gram counts are not
+    kept between sessions: an unbounded number of profiles' counts is what held memory before.
+    """
+    tokens = metrics.tokenize_13a(prediction)
+    length = len(tokens)
+    overlap = metrics._ngrams(tokens, max_order) & reference[1]
+    stats = [0] * (2 * max_order) + [reference[0], length]
+    for ngram, count in overlap.items():
+        stats[len(ngram) - 1] += count
+    for order in range(1, max_order + 1):
+        if length - order + 1 > 0:
+            stats[max_order + order - 1] += length - order + 1
+    return stats
 
-    curve: dict[str, list] = {"questions": list(range(1, horizon + 1))}
-    for questions in curve["questions"]:
-        point = text_scores([elicited_after(s, questions) for s in sessions], targets, seed=seed, cache=cache)
-        for name, value in point.items():
-            curve.setdefault(name, []).append(value)
-    summary["curve"] = curve
-    summary["funnel_spearman"] = funnel_correlation(sessions)
-    summary["weighted_rank"] = concept_ranks(sessions)
-    return summary
+
+def _bleu_reference(text: str, max_order: int = 4) -> tuple[int, collections.Counter]:
+    tokens = metrics.tokenize_13a(text)
+    return len(tokens), metrics._ngrams(tokens, max_order)
+
+
+class _SessionRouge(metrics.RougeCache):
+    """Pair scores kept for one session only (its curve scores the same texts again)."""
+
+    def forget(self) -> None:
+        self._scores.clear()
+
+
+def _bleu_from_stats(stats: Sequence[int], max_order: int = 4) -> float:
+    """Corpus BLEU from summed ``_bleu_stats``, with ``metrics.bleu``'s arithmetic."""
+    matches, possible = stats[:max_order], stats[max_order : 2 * max_order]
+    reference_length, translation_length = stats[2 * max_order], stats[2 * max_order + 1]
+    precisions = [matches[i] / possible[i] if possible[i] > 0 else 0.0 for i in range(max_order)]
+    geo_mean = math.exp(sum(math.log(p) / max_order for p in precisions)) if min(precisions) > 0 else 0.0
+    if reference_length == 0 or translation_length == 0:
+        return 0.0
+    ratio = translation_length / reference_length
+    brevity_penalty = 1.0 if ratio > 1.0 else math.exp(1 - 1.0 / ratio)
+    return geo_mean * brevity_penalty
+
+
+def _add(total: list[int], stats: Sequence[int]) -> None:
+    for i, value in enumerate(stats):
+        total[i] += value
+
+
+class _StoredRouge:
+    """Hands ``metrics.rouge`` per-pair scores computed earlier: the "pairs" are indexes into a list.
+
+    Only F1 is kept (precision and recall stored as 0): the bootstrap treats each measure as
+    its own column, so the F1 numbers come out as they would with the full scores.
+    """
+
+    def __init__(self, scores: Sequence[Sequence[float]]):
+        self.scores = scores
+        self.rouge_types = metrics.ROUGE_TYPES
+
+    def score(self, index: int, _reference) -> dict:
+        from rouge_score.scoring import Score
+
+        return {t: Score(0.0, 0.0, f) for t, f in zip(self.rouge_types, self.scores[index])}
+
+
+class SessionScorer:
+    """Every number of one system, from sessions fed one at a time (``add``), in O(1) memory per turn.
+
+    Per session it keeps only numbers: three ROUGE F1 and a tag recall per question position up
+    to the session's length (later positions repeat the last), the first-reveal positions, and
+    additive BLEU counts. ``result()`` gives what ``score_sessions`` documents; the numbers are
+    the same as scoring all sessions at once.
+    """
+
+    def __init__(self, *, seed: int = 0, cache: metrics.RougeCache | None = None):
+        self.seed = seed
+        self.cache = cache
+        self.sessions = 0
+        self.first: Record | None = None
+        self.mixed = False
+        self.turns = self.unanswered = self.asked = self.complete = 0
+        self.horizon = 0
+        self.final_bleu = [0] * 10
+        self.final_rouge: list[tuple[float, ...]] = []
+        self.final_recall: list[float] = []
+        self.lengths = array("i")  # per session: question positions scored (at least 1)
+        self.rouge_points = array("d")  # per session, per position: rouge1, rouge2, rougeL F1
+        self.recall_points = array("d")
+        self.bleu_at: list[list[int]] = []  # BLEU counts at position q of sessions at least q long
+        self.bleu_after: list[list[int]] = []  # [L]: counts of sessions L long, for every later position
+        self.positions: list[float] = []
+        self.generality: list[float] = []
+        self.concepts: dict[str, list[int]] = collections.defaultdict(list)
+
+    def add(self, session: Record) -> None:
+        keys = ("questioner", "simulator", "profile_form")
+        if self.first is None:
+            self.first = {key: session.get(key) for key in keys}
+        elif any(session.get(key) != self.first[key] for key in keys):
+            self.mixed = True
+        self.sessions += 1
+        turns = session["turns"]
+        target = session["target"]
+        reference = profile_text(target)
+        self.turns += len(turns)
+        self.unanswered += sum(not turn["answered"] for turn in turns)
+        self.asked += len(turns)
+        self.horizon = max(self.horizon, session.get("max_questions") or 0, len(turns))
+        if self.cache is None:
+            self.cache = _SessionRouge()
+        cache = self.cache
+        bleu_reference = _bleu_reference(reference)
+
+        final = session["elicited"]
+        _add(self.final_bleu, _bleu_stats(profile_text(final), bleu_reference))
+        pair = cache.score(profile_text(final), reference)
+        self.final_rouge.append(tuple(pair[t].fmeasure for t in metrics.ROUGE_TYPES))
+        recall = tag_recall(final, target)
+        self.final_recall.append(recall)
+        self.complete += recall == 1.0
+
+        length = max(1, len(turns))
+        self.lengths.append(length)
+        while len(self.bleu_at) < length:
+            self.bleu_at.append([0] * 10)
+            self.bleu_after.append([0] * 10)
+        for questions in range(1, length + 1):
+            elicited = elicited_after(session, questions)
+            prediction = profile_text(elicited)
+            stats = _bleu_stats(prediction, bleu_reference)
+            _add(self.bleu_at[questions - 1], stats)
+            if questions == length:
+                _add(self.bleu_after[length - 1], stats)
+            pair = cache.score(prediction, reference)
+            self.rouge_points.extend(pair[t].fmeasure for t in metrics.ROUGE_TYPES)
+            self.recall_points.append(tag_recall(elicited, target))
+
+        if isinstance(cache, _SessionRouge):
+            cache.forget()
+
+        index = {tag["tag"]: i for i, tag in enumerate(target)}
+        span = max(1, len(index) - 1)
+        for name, position in first_reveals(session):
+            self.positions.append(position)
+            self.generality.append(index[name] / span)
+            self.concepts[name].append(position)
+
+    def _point(self, questions: int) -> dict:
+        """text_scores of every session after ``questions`` questions, from the stored numbers."""
+        rouge_scores: list[tuple[float, ...]] = []
+        recalls: list[float] = []
+        start = 0
+        for length in self.lengths:
+            at = start + min(questions, length) - 1
+            rouge_scores.append(tuple(self.rouge_points[3 * at : 3 * at + 3]))
+            recalls.append(self.recall_points[at])
+            start += length
+        bleu = [0] * 10
+        if questions <= len(self.bleu_at):
+            _add(bleu, self.bleu_at[questions - 1])
+        for length in range(1, min(questions - 1, len(self.bleu_after)) + 1):
+            _add(bleu, self.bleu_after[length - 1])
+        return self._text_scores(bleu, rouge_scores, recalls)
+
+    def _text_scores(self, bleu: list[int], rouge_scores, recalls, interval: bool = False) -> dict:
+        scores = {"bleu": _bleu_from_stats(bleu)}
+        indexes = list(range(len(rouge_scores)))
+        scores.update(metrics.rouge(indexes, indexes, seed=self.seed, cache=_StoredRouge(rouge_scores), with_interval=interval))
+        scores["tag_recall"] = metrics.mean(recalls)
+        return scores
+
+    def result(self) -> dict:
+        if not self.sessions:
+            raise UsageError("no sessions to score")
+        summary = self._text_scores(self.final_bleu, self.final_rouge, self.final_recall, interval=True)
+        summary["unanswered_rate"] = self.unanswered / self.turns if self.turns else None
+        summary["questions_asked"] = self.asked / self.sessions
+        summary["complete_rate"] = self.complete / self.sessions
+        curve: dict[str, list] = {"questions": list(range(1, self.horizon + 1))}
+        for questions in curve["questions"]:
+            for name, value in self._point(questions).items():
+                curve.setdefault(name, []).append(value)
+        summary["curve"] = curve
+        summary["funnel_spearman"] = {"rho": metrics.spearman(self.positions, self.generality), "pairs": len(self.positions)}
+        ranks = metrics.weighted_ranks(self.concepts)
+        rows = [{"concept": name, "wr": wr, "sessions": len(self.concepts[name])} for name, wr in ranks.items()]
+        summary["weighted_rank"] = sorted(rows, key=lambda row: (row["wr"], -row["sessions"], row["concept"]))
+        return summary
+
+
+def score_sessions(sessions: Iterable[Record], *, seed: int = 0, cache: metrics.RougeCache | None = None) -> dict:
+    """Every number of one system (one session file); ``sessions`` may be a one-pass stream."""
+    scorer = SessionScorer(seed=seed, cache=cache)
+    for session in sessions:
+        scorer.add(session)
+    return scorer.result()
 
 
 def _short_spec(spec: str) -> str:
@@ -140,20 +315,28 @@ def system_name(sessions: Sequence[Record], source: str) -> str:
 
 
 def score_file(path: str, *, seed: int = 0, cache: metrics.RougeCache | None = None) -> dict:
-    sessions = load_records(path, check_session)
-    sessions = [session for session in sessions if "error" not in session]
-    if not sessions:
+    """Score one session file, streaming: memory holds one session plus the numbers kept per session."""
+    scorer = SessionScorer(seed=seed, cache=cache)
+    for session in read_records(path, check_session):
+        if "error" not in session:
+            scorer.add(session)
+    if not scorer.sessions:
         raise InputError(source_name(path), None, "holds no sessions")
-    first = sessions[0]
+    first = scorer.first
+    stem = Path(source_name(path)).stem if source_name(path) != "<stdin>" else "stdin"
+    keys = ("questioner", "simulator", "profile_form")
+    # A mixed file's own name says more than its first line.
+    name = stem if scorer.mixed or not all(first.get(key) for key in keys) else (
+        f"{_short_spec(first['questioner'])} / {_short_spec(first['simulator'])} / {first['profile_form']}")
     result = {
-        "system": system_name(sessions, source_name(path)),
+        "system": name,
         "source": source_name(path),
         "questioner": first.get("questioner"),
         "simulator": first.get("simulator"),
         "profile_form": first.get("profile_form"),
-        "sessions": len(sessions),
+        "sessions": scorer.sessions,
     }
-    result.update(score_sessions(sessions, seed=seed, cache=cache))
+    result.update(scorer.result())
     return result
 
 
@@ -207,8 +390,8 @@ def score_files(
         raise UsageError("give at least one session file")
     if sum(str(path) == "-" for path in paths) > 1:
         raise UsageError("stdin ('-') can be given once")
-    cache = metrics.RougeCache()
-    results = [score_file(path, seed=seed, cache=cache) for path in paths]
+    # No ROUGE cache shared across files: it would keep every pair of every file in memory.
+    results = [score_file(path, seed=seed) for path in paths]
     _unique_names(results)
     print_table(results)
     # Scores take seconds to recompute: a re-run starts over rather than resuming.

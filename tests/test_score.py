@@ -12,6 +12,7 @@ from funnelqa.score import (
     profile_text,
     score_sessions,
     system_name,
+    tag_recall,
 )
 from tests.conftest import run_cli
 
@@ -137,3 +138,51 @@ def test_score_cli_rejects_files_that_are_not_sessions(tmp_path):
     result = run_cli("score", bad)
     assert result.returncode == 2
     assert f"{bad}:1" in result.stderr and "funnelqa simulate" in result.stderr
+
+
+def _all_at_once(sessions, seed=0):
+    """score_sessions as it was before streaming: every session in memory, corpus metrics over lists."""
+    from funnelqa import metrics
+    from funnelqa.score import text_scores
+
+    cache = metrics.RougeCache()
+    targets = [s["target"] for s in sessions]
+    finals = [s["elicited"] for s in sessions]
+    turns = [t for s in sessions for t in s["turns"]]
+    horizon = max(max(s.get("max_questions") or 0, len(s["turns"])) for s in sessions)
+    summary = text_scores(finals, targets, seed=seed, cache=cache, interval=True)
+    summary["unanswered_rate"] = sum(not t["answered"] for t in turns) / len(turns) if turns else None
+    summary["questions_asked"] = metrics.mean(len(s["turns"]) for s in sessions)
+    summary["complete_rate"] = metrics.mean(float(tag_recall(e, t) == 1.0) for e, t in zip(finals, targets))
+    curve = {"questions": list(range(1, horizon + 1))}
+    for q in curve["questions"]:
+        for name, value in text_scores([elicited_after(s, q) for s in sessions], targets, seed=seed, cache=cache).items():
+            curve.setdefault(name, []).append(value)
+    summary["curve"] = curve
+    summary["funnel_spearman"] = funnel_correlation(sessions)
+    summary["weighted_rank"] = concept_ranks(sessions)
+    return summary
+
+
+def test_streamed_scores_equal_the_all_at_once_numbers_exactly():
+    import random
+
+    rng = random.Random(3)
+    words = "war crime comedy drama noir western silent epic gritty gentle romantic dark slow".split()
+    sessions = []
+    for i in range(40):
+        target = [{"tag": f"T{k}", "content": " ".join(rng.choice(words) for _ in range(rng.randint(1, 12)))}
+                  for k in range(rng.randint(1, 6))]
+        turns, seen, elicited = [], set(), []
+        for _ in range(rng.randint(0, 7)):
+            answered = rng.random() > 0.3
+            names = rng.sample([t["tag"] for t in target], rng.randint(1, len(target))) if answered else []
+            turns.append({"question": "q?", "answer": "a", "tags": names, "answered": answered})
+            for name in names:
+                if name not in seen:
+                    seen.add(name)
+                    elicited.append(next(t for t in target if t["tag"] == name))
+        extra = {"max_questions": rng.choice([3, 9])} if i % 2 else {}
+        sessions.append({"id": f"u{i}", "target": target, "turns": turns, "elicited": elicited, **extra})
+    for seed in (0, 5):
+        assert score_sessions(iter(sessions), seed=seed) == _all_at_once(sessions, seed=seed)
