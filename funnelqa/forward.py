@@ -248,7 +248,8 @@ def process_batch(stage: Stage, batch: list[Record], backend: Backend, retries: 
         if attempt:
             summary.retried += len(pending)
         order = list(pending)
-        answers = backend.generate([pending[i] for i in order])
+        # Per request: one that fails for good becomes this record's error, not the batch's.
+        answers = backend.generate_each([pending[i] for i in order])
         retry: dict[int, Request] = {}
         for i, text in zip(order, answers):
             asked[i].append(pending[i])

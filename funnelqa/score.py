@@ -114,16 +114,83 @@ def _bleu_stats(prediction: str, reference: tuple[int, collections.Counter], max
     return stats
 
 
+class _GrowingBleu:
+    """``_bleu_stats`` for a session's texts after 1, 2, ... questions, each extending the last.
+
+    When the tokens of a text start with the tokens of the previous one, only the n-grams that
+    end in the new tokens are counted; a match counts while the prediction holds fewer copies of
+    the n-gram than the reference (the clipped counts of ``Counter &``). Otherwise it starts over.
+    """
+
+    def __init__(self, reference: tuple[int, collections.Counter], max_order: int = 4):
+        self.reference_length, self.reference = reference
+        self.max_order = max_order
+        self.tokens: list[str] = []
+        self.counts: collections.Counter = collections.Counter()
+        self.matches = [0] * max_order
+
+    def stats(self, prediction: str) -> list[int]:
+        tokens = metrics.tokenize_13a(prediction)
+        if tokens[: len(self.tokens)] != self.tokens:
+            self.tokens, self.matches = [], [0] * self.max_order
+            self.counts.clear()
+        for end in range(len(self.tokens), len(tokens)):
+            for order in range(1, min(self.max_order, end + 1) + 1):
+                ngram = tuple(tokens[end - order + 1 : end + 1])
+                wanted = self.reference.get(ngram)
+                if wanted:
+                    if self.counts[ngram] < wanted:
+                        self.matches[order - 1] += 1
+                    self.counts[ngram] += 1
+        self.tokens = tokens
+        length = len(tokens)
+        possible = [max(0, length - order + 1) for order in range(1, self.max_order + 1)]
+        return self.matches + possible + [self.reference_length, length]
+
+
 def _bleu_reference(text: str, max_order: int = 4) -> tuple[int, collections.Counter]:
     tokens = metrics.tokenize_13a(text)
     return len(tokens), metrics._ngrams(tokens, max_order)
 
 
 class _SessionRouge(metrics.RougeCache):
-    """Pair scores kept for one session only (its curve scores the same texts again)."""
+    """ROUGE F1 of one session's texts against its target, tokenising each tag's content once.
 
-    def forget(self) -> None:
-        self._scores.clear()
+    The rouge tokenizer maps characters to tokens locally, so the tokens of texts joined by
+    spaces are the tokens of the parts, joined: the target is tokenised once per session, not
+    once per question position. The formulas are rouge_score's (n-grams) and ``RougeCache``'s (L).
+    """
+
+    def start(self, target: Sequence[dict]) -> None:
+        from rouge_score import rouge_scorer
+
+        self._tokens = {tag["content"]: self._tokenizer.tokenize(tag["content"]) for tag in target}
+        self._target = [token for tag in target for token in self._tokens[tag["content"]]]
+        self._target_ngrams = {n: rouge_scorer._create_ngrams(self._target, n) for n in (1, 2)}
+
+    def f1(self, elicited: Sequence[dict]) -> tuple[float, float, float]:
+        from rouge_score import rouge_scorer, scoring
+
+        predicted = [token for tag in elicited
+                     for token in self._tokens.get(tag["content"]) or self._tokenizer.tokenize(tag["content"])]
+        scores = [rouge_scorer._score_ngrams(self._target_ngrams[n], rouge_scorer._create_ngrams(predicted, n)).fmeasure
+                  for n in (1, 2)]
+        if not predicted or not self._target:
+            return scores[0], scores[1], 0
+        common = metrics.lcs_length(self._target, predicted)
+        precision, recall = common / len(predicted), common / len(self._target)
+        return scores[0], scores[1], scoring.fmeasure(precision, recall)
+
+
+def _drop_tokenizer_caches() -> None:
+    # sacrebleu memoises up to 65,536 tokenised texts per tokenizer (and metrics 8,192 more):
+    # texts of profiles do not repeat across sessions, so these would only grow with the input.
+    from sacrebleu.tokenizers import tokenizer_13a, tokenizer_re
+
+    for cached in (metrics._tokens_13a, tokenizer_13a.Tokenizer13a.__call__, tokenizer_re.TokenizerRegexp.__call__):
+        clear = getattr(cached, "cache_clear", None)
+        if clear is not None:
+            clear()
 
 
 def _bleu_from_stats(stats: Sequence[int], max_order: int = 4) -> float:
@@ -207,12 +274,20 @@ class SessionScorer:
         if self.cache is None:
             self.cache = _SessionRouge()
         cache = self.cache
+        if isinstance(cache, _SessionRouge):
+            cache.start(target)
+
+        def rouge_f1(elicited: Sequence[dict]) -> tuple[float, ...]:
+            if isinstance(cache, _SessionRouge):
+                return cache.f1(elicited)
+            pair = cache.score(profile_text(elicited), reference)
+            return tuple(pair[t].fmeasure for t in metrics.ROUGE_TYPES)
+
         bleu_reference = _bleu_reference(reference)
 
         final = session["elicited"]
         _add(self.final_bleu, _bleu_stats(profile_text(final), bleu_reference))
-        pair = cache.score(profile_text(final), reference)
-        self.final_rouge.append(tuple(pair[t].fmeasure for t in metrics.ROUGE_TYPES))
+        self.final_rouge.append(rouge_f1(final))
         recall = tag_recall(final, target)
         self.final_recall.append(recall)
         self.complete += recall == 1.0
@@ -222,19 +297,18 @@ class SessionScorer:
         while len(self.bleu_at) < length:
             self.bleu_at.append([0] * 10)
             self.bleu_after.append([0] * 10)
+        growing = _GrowingBleu(bleu_reference)
         for questions in range(1, length + 1):
             elicited = elicited_after(session, questions)
-            prediction = profile_text(elicited)
-            stats = _bleu_stats(prediction, bleu_reference)
+            stats = growing.stats(profile_text(elicited))
             _add(self.bleu_at[questions - 1], stats)
             if questions == length:
                 _add(self.bleu_after[length - 1], stats)
-            pair = cache.score(prediction, reference)
-            self.rouge_points.extend(pair[t].fmeasure for t in metrics.ROUGE_TYPES)
+            self.rouge_points.extend(rouge_f1(elicited))
             self.recall_points.append(tag_recall(elicited, target))
 
-        if isinstance(cache, _SessionRouge):
-            cache.forget()
+        if self.sessions % 256 == 0:
+            _drop_tokenizer_caches()
 
         index = {tag["tag"]: i for i, tag in enumerate(target)}
         span = max(1, len(index) - 1)

@@ -126,16 +126,19 @@ def test_a_json_body_without_candidates_or_prompt_feedback_is_retried(server, co
 
 def test_a_persistent_server_error_fails_that_request_after_the_last_retry(server, connect):
     server.inject(*["500"] * 3)
-    [answer] = connect(max_retries=2).generate(questions(1))
+    [answer] = connect(max_retries=2).generate_each(questions(1))
     assert answer == "" and answer.finish == "failed"
     assert "500" in answer.detail and MODEL in answer.detail and "3 attempts" in answer.detail
     assert "\n" not in answer.detail
     assert len(server.requests) == 3
+    server.inject(*["500"] * 3)
+    with pytest.raises(BackendError, match="gave up after 3 attempts: HTTP 500"):
+        connect(max_retries=2).generate(questions(1))  # generate keeps its contract: a failure raises
 
 
 def test_a_bad_request_fails_that_request_alone_without_retries(server, connect):
     server.inject("400")
-    [answer] = connect().generate(questions(1))
+    [answer] = connect().generate_each(questions(1))
     assert answer.finish == "failed" and "HTTP 400" in answer.detail and "Injected fault" in answer.detail
     assert len(server.requests) == 1
 
@@ -154,7 +157,7 @@ def test_one_request_failing_for_good_leaves_its_batch_mates_answered(connect, s
         return Fault("500") if gemini_prompt_text(body) == "question 2" else server.echo(body)
 
     server.responder = respond
-    answers = connect(max_retries=2).generate(questions(5))
+    answers = connect(max_retries=2).generate_each(questions(5))
     assert [str(a) for a in answers] == [f"echo: question {i}" if i != 2 else "" for i in range(5)]
     assert answers[2].finish == "failed" and "gave up after 3 attempts: HTTP 500" in answers[2].detail
     assert len(server.requests) == 4 + 3
@@ -190,7 +193,7 @@ def test_the_server_rejects_empty_parts_and_the_backend_never_sends_them(server,
     assert reply.status_code == 400 and reply.json()["error"]["status"] == "INVALID_ARGUMENT"
     empty_turn = Request(messages=({"role": "user", "content": "hi"}, {"role": "assistant", "content": ""},
                                    {"role": "user", "content": "again"}))
-    [answer] = connect().generate([empty_turn])
+    [answer] = connect().generate_each([empty_turn])
     assert answer.finish == "failed" and "empty" in answer.detail
     assert len(server.requests) == 1  # only the probe above reached the server
 

@@ -156,7 +156,7 @@ def test_rate_limits_server_errors_timeouts_and_garbled_bodies_are_retried(serve
 
 def test_a_persistent_server_error_fails_that_request_after_the_last_retry(server, connect):
     server.inject(*["503"] * 3)
-    [answer] = connect(max_retries=2).generate(questions(1))
+    [answer] = connect(max_retries=2).generate_each(questions(1))
     assert answer.finish == "failed"
     assert "503" in answer.detail and MODEL in answer.detail and "3 attempts" in answer.detail
     assert len(server.requests) == 3
@@ -166,7 +166,7 @@ def test_one_request_failing_for_good_leaves_its_batch_mates_answered(server, co
     from tests.gemini_server import Fault
 
     server.responder = lambda body: Fault("500") if last_user_text(body) == "question 1" else server.echo(body)
-    answers = connect(max_retries=1).generate(questions(4))
+    answers = connect(max_retries=1).generate_each(questions(4))
     assert answers == ["echo: question 0", "", "echo: question 2", "echo: question 3"]
     assert answers[1].finish == "failed" and "HTTP 500" in answers[1].detail
     assert len(server.requests) == 3 + 2
@@ -174,7 +174,7 @@ def test_one_request_failing_for_good_leaves_its_batch_mates_answered(server, co
 
 def test_client_errors_are_not_retried_and_keep_the_server_message(server, connect):
     server.inject("400", "401")
-    [answer] = connect().generate(questions(1))
+    [answer] = connect().generate_each(questions(1))
     assert answer.finish == "failed" and "Injected fault" in answer.detail
     with pytest.raises(BackendUnavailable, match="Injected fault") as failure:
         connect().generate(questions(1))

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from funnelqa.errors import UsageError
+from funnelqa.errors import BackendError, UsageError
 
 REGISTRY: dict[str, str] = {
     "gemini": "funnelqa.backends.gemini:GeminiBackend",
@@ -66,6 +66,15 @@ class Answer(str):
         return answer
 
 
+def raise_failures(answers: list[str]) -> list[str]:
+    """``answers`` unchanged, or BackendError naming the first that failed for good (``generate``'s contract)."""
+    failed = [a for a in answers if getattr(a, "finish", "stop") == "failed"]
+    if failed:
+        more = f" (and {len(failed) - 1} more of {len(answers)} requests)" if len(failed) > 1 else ""
+        raise BackendError(f"{failed[0].detail}{more}")
+    return answers
+
+
 def answer_status(answer: str) -> tuple[str, str]:
     """(finish, detail) of any backend's answer; blank text that claims a stop counts as "empty"."""
     finish = getattr(answer, "finish", "stop")
@@ -102,17 +111,20 @@ class Backend(ABC):
 
     @abstractmethod
     def generate(self, requests: Sequence[Request]) -> list[str]:
-        """Answer every request, in order.
+        """Answer every request, in order; raise BackendError if one of them fails for good."""
 
-        A request that cannot be answered for good comes back as an ``Answer`` whose finish says
-        why, so its batch-mates still get theirs; only a backend that cannot work at all raises.
+    def generate_each(self, requests: Sequence[Request], on_answer: Callable[[int, str], None] | None = None) -> list[str]:
+        """``generate`` for callers that handle failures per request.
+
+        A request that fails for good comes back as an ``Answer`` with finish "failed" instead of
+        raising, so its batch-mates keep their answers; each answer goes to ``on_answer(index,
+        answer)`` the moment it arrives. Only a fault that stops every request (no server, a
+        rejected key) raises.
         """
-
-    def generate_each(self, requests: Sequence[Request], on_answer: Callable[[int, str], None]) -> list[str]:
-        """``generate``, handing each answer (by its index) to ``on_answer`` as soon as it arrives."""
         answers = self.generate(requests)
         for index, answer in enumerate(answers):
-            on_answer(index, answer)
+            if on_answer is not None:
+                on_answer(index, answer)
         return answers
 
     def forget(self, requests: Sequence[Request]) -> None:
@@ -172,6 +184,10 @@ class CachedBackend(Backend):
         return [cache_key(self.inner.cache_id, r.payload()) for r in requests]
 
     def generate(self, requests: Sequence[Request]) -> list[str]:
+        # The answers that arrived are cached before a failure is raised: a re-run buys only the rest.
+        return raise_failures(self.generate_each(requests))
+
+    def generate_each(self, requests: Sequence[Request], on_answer: Callable[[int, str], None] | None = None) -> list[str]:
         keys = self._keys(requests)
         found, stale = self.cache.lookup(keys)
         missing = [i for i, key in enumerate(keys) if key not in found]
@@ -194,7 +210,11 @@ class CachedBackend(Backend):
 
             self.inner.generate_each([requests[i] for _, i in chunk], arrived)
             self.calls += len(chunk)
-        return [found[key] for key in keys]
+        answers = [found[key] for key in keys]
+        if on_answer is not None:
+            for index, answer in enumerate(answers):
+                on_answer(index, answer)
+        return answers
 
     def forget(self, requests: Sequence[Request]) -> None:
         self.cache.mark_unusable(self._keys(requests))

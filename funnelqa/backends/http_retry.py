@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 
 import httpx
 
-from funnelqa.backends import Answer, Backend, Request
+from funnelqa.backends import Answer, Backend, Request, raise_failures
 from funnelqa.errors import BackendError, BackendUnavailable
 
 # 408 and 409 are what proxies and overloaded servers answer for "try again"; 429 is a rate
@@ -138,9 +138,10 @@ class HTTPBackend(Backend):
         return {"http_retries": self.http_retries}
 
     def generate(self, requests: Sequence[Request]) -> list[str]:
-        return self.generate_each(requests, lambda index, answer: None)
+        return raise_failures(self.generate_each(requests))
 
-    def generate_each(self, requests: Sequence[Request], on_answer: Callable[[int, str], None]) -> list[str]:
+    def generate_each(self, requests: Sequence[Request], on_answer: Callable[[int, str], None] | None = None) -> list[str]:
+        on_answer = on_answer or (lambda index, answer: None)
         stop = threading.Event()
         answers: list[str] = [""] * len(requests)
         if len(requests) <= 1 or self.concurrency == 1:
