@@ -38,6 +38,7 @@ paper-gpu: setup
 bench: setup
 	$(PY) bench/bench_train.py
 	$(PY) bench/bench_simulate.py
+	$(PY) bench/bench_scale.py
 
 test: setup
 	$(PY) -m pytest -q

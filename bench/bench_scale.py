@@ -14,23 +14,24 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_FORWARD = REPO.parent / "shared" / "data" / "movielens-100k" / "forward.jsonl"
 
 
-def replicate(records: list[dict], n: int) -> list[dict]:
+def replicate(records: list[dict], n: int) -> Iterator[dict]:
     """``n`` forward records: copy k of record r gets id ``{id}-c{k}``, its questions and tag contents marked ``(k)``.
 
     The marks keep every text distinct, so no stage can profit from repeated inputs that real data lacks.
+    A generator: the bench process stays small, and a child's peak memory includes its parent's at
+    the fork (Linux carries the high-water mark across exec).
     """
-    out = []
     for i in range(n):
         copy, record = divmod(i, len(records))
         record = records[record]
@@ -41,8 +42,7 @@ def replicate(records: list[dict], n: int) -> list[dict]:
                 "tags": [{**t, "content": f"{t['content']} ({copy})"} for t in record["tags"]],
                 "questions": [{**q, "question": f"{q['question']} ({copy})"} for q in record["questions"]],
             }
-        out.append(record)
-    return out
+        yield record
 
 
 def oracle_session(record: dict) -> dict:
@@ -67,22 +67,25 @@ def write_jsonl(path: Path, rows) -> None:
 
 
 def measure(args: list[str]) -> tuple[float, float]:
-    """Seconds and peak MB of one run of the console script; its output is discarded."""
+    """Seconds and peak MB (maximum resident set) of one run of the console script; output discarded."""
     exe = Path(sys.executable).parent / "funnelqa"
     command = [str(exe) if exe.exists() else "funnelqa", *args]
     start = time.perf_counter()
-    # A fresh interpreter per measurement: RUSAGE_CHILDREN reports the largest child so far, and
-    # sizes run smallest first, so each reading is this run's own peak.
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # wait4 gives this child's own peak; RUSAGE_CHILDREN would give the largest child so far.
+    _, status, usage = os.wait4(process.pid, 0)
     seconds = time.perf_counter() - start
-    peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    return seconds, peak_mb
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode:
+        raise SystemExit(f"bench_scale: {' '.join(command)} failed with exit code {process.returncode}")
+    return seconds, usage.ru_maxrss / 1024
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="1000,5000,20000")
     parser.add_argument("--keep", type=Path, help="Write the generated inputs here and keep them.")
+    parser.add_argument("--stages", default="corrupt,score", help="Which of corrupt and score to measure.")
     options = parser.parse_args()
     if not SHARED_FORWARD.exists():
         print(f"bench_scale: {SHARED_FORWARD} is absent; nothing to measure", file=sys.stderr)
@@ -96,13 +99,14 @@ def main() -> None:
     for n in (int(size) for size in options.sizes.split(",")):
         forward = folder / f"forward-{n}.jsonl"
         sessions = folder / f"sessions-{n}.jsonl"
-        records = replicate(base, n)
-        write_jsonl(forward, records)
-        write_jsonl(sessions, (oracle_session(r) for r in records))
-        del records
-        corrupt_s, corrupt_mb = measure(["corrupt", str(forward)])
-        score_s, score_mb = measure(["score", str(sessions)])
-        print(f"| {n} | {corrupt_s:.1f} | {corrupt_mb:.0f} | {score_s:.1f} | {score_mb:.0f} |", flush=True)
+        write_jsonl(forward, replicate(base, n))
+        write_jsonl(sessions, (oracle_session(r) for r in replicate(base, n)))
+        stages = options.stages.split(",")
+        corrupt_s, corrupt_mb = measure(["corrupt", str(forward)]) if "corrupt" in stages else (None, None)
+        score_s, score_mb = measure(["score", str(sessions)]) if "score" in stages else (None, None)
+        cells = ["-" if value is None else f"{value:.1f}" if i % 2 == 0 else f"{value:.0f}"
+                 for i, value in enumerate((corrupt_s, corrupt_mb, score_s, score_mb))]
+        print(f"| {n} | " + " | ".join(cells) + " |", flush=True)
         if not options.keep:
             forward.unlink()
             sessions.unlink()

@@ -92,16 +92,28 @@ class NegativePool:
     def __init__(self, occurrences: Iterable[tuple[str, list[str]]]):
         import numpy as np
 
-        names_of: dict[str, set[frozenset[str]]] = {}
-        for text, tags in occurrences:
-            if tags:
-                names_of.setdefault(text, set()).add(frozenset(_norm(name) for name in tags))
-        self.texts = sorted(names_of)
+        # text -> the id of its tag-name set, or a set of ids for a text asked with several; ids
+        # rather than sets per text, since the pool is the only thing here that grows with the input.
         name_sets: dict[frozenset[str], int] = {}
+        names_of: dict[str, int | set[int]] = {}
+        for text, tags in occurrences:
+            if not tags:
+                continue
+            found = name_sets.setdefault(frozenset(_norm(name) for name in tags), len(name_sets))
+            held = names_of.get(text)
+            if held is None:
+                names_of[text] = found
+            elif isinstance(held, int):
+                if held != found:
+                    names_of[text] = {held, found}
+            else:
+                held.add(found)
+        self.texts = sorted(names_of)
         classes: dict[frozenset[int], int] = {}
-        class_of_rank = np.empty(len(self.texts), dtype=np.int64)
+        class_of_rank = np.empty(len(self.texts), dtype=np.int32)
         for rank, text in enumerate(self.texts):
-            signature = frozenset(name_sets.setdefault(names, len(name_sets)) for names in names_of[text])
+            held = names_of[text]
+            signature = frozenset((held,) if isinstance(held, int) else held)
             class_of_rank[rank] = classes.setdefault(signature, len(classes))
         del names_of
         self.name_sets = list(name_sets)

@@ -6,12 +6,10 @@ against loopback servers that answer like the real APIs, faults included."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 
-from funnelqa import records
 from tests.conftest import REPO, run_cli
 from tests.gemini_server import FakeGeminiServer, Fault, gemini_prompt_text
 

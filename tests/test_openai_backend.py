@@ -14,7 +14,7 @@ from funnelqa.backends import BackendOptions, CachedBackend, Request, load_backe
 from funnelqa.backends.http_retry import backoff_delay, parse_retry_after
 from funnelqa.backends.openai_compat import OpenAIBackend
 from funnelqa.cache import LLMCache
-from funnelqa.errors import BackendError, BackendUnavailable, UsageError
+from funnelqa.errors import BackendUnavailable, UsageError
 from tests.gemini_server import LoopbackServer
 
 MODEL = "qwen2.5-7b-instruct"
