@@ -272,7 +272,7 @@ def process_batch(stage: Stage, batch: list[Record], backend: Backend, retries: 
         pending = retry
     for i in pending:
         text, reason = last[i]
-        fail(i, text, f"{reason} (after {attempts[i]} attempts)")
+        fail(i, text, f"{reason} (after {attempts[i]} attempt{'s' if attempts[i] > 1 else ''})")
     summary.ok += sum(1 for r in results if r is not None and "error" not in r)
     return [r for r in results if r is not None]
 
