@@ -60,7 +60,12 @@ class Interview:
         return [{"tag": t["tag"], "content": t["content"]} for t in self.target if t["tag"] in revealed]
 
     def history(self) -> list[dict]:
+        """The questions asked so far with their answers, as the questioner's conversation shows them."""
         return [{"question": turn["question"], "answer": turn["answer"]} for turn in self.turns]
+
+    def simulator_history(self) -> list[dict]:
+        """The same turns as the simulated user said them: answer and revealed tags."""
+        return [{"question": turn["question"], "answer": turn["answer"], "tags": turn["tags"]} for turn in self.turns]
 
     def add_turn(self, question: str, answer: str, tags: Sequence[str], raw: str | None) -> None:
         content = {t["tag"]: t["content"] for t in self.target}
@@ -96,23 +101,24 @@ class Interview:
 
 
 class UserSimulator:
-    """Any backend as the simulated user: JP^u and a question in, (answer, revealed tags) out."""
+    """Any backend as the simulated user: JP^u, the interview so far and a question in,
+    (answer, revealed tags) out."""
 
     def __init__(self, backend: Backend, max_tokens: int = ANSWER_MAX_TOKENS):
         self.backend = backend
         self.spec = backend.spec
         self.max_tokens = max_tokens
 
-    def request(self, profile_tags: Sequence[dict], question: str) -> Request:
-        messages = render.simulator_messages(profile_tags, question)
+    def request(self, interview: Interview, question: str) -> Request:
+        messages = render.simulator_messages(interview.target, question, interview.simulator_history())
         return Request(messages=tuple(messages), max_tokens=self.max_tokens, json_schema=ANSWER_SCHEMA)
 
-    def answer(self, asked: Sequence[tuple[Sequence[dict], str]]) -> list[tuple[str, list[str], str]]:
-        """(answer, revealed tag names, raw output) for each (profile tags, question)."""
+    def answer(self, asked: Sequence[tuple[Interview, str]]) -> list[tuple[str, list[str], str]]:
+        """(answer, revealed tag names, raw output) for each (interview, question)."""
         if not asked:
             return []
-        texts = self.backend.generate([self.request(tags, question) for tags, question in asked])
-        return [(*render.parse_simulator(text, tags), text) for (tags, _), text in zip(asked, texts)]
+        texts = self.backend.generate([self.request(interview, question) for interview, question in asked])
+        return [(*render.parse_simulator(text, interview.target), text) for (interview, _), text in zip(asked, texts)]
 
 
 @dataclass
@@ -158,7 +164,7 @@ def run_interviews(
                 interview.add_turn("", render.NO_PREFERENCE, [], None)
             else:
                 asking.append((interview, question))
-        replies = simulator.answer([(interview.target, question) for interview, question in asking])
+        replies = simulator.answer(asking)
         for (interview, question), (answer, tags, raw) in zip(asking, replies):
             interview.add_turn(question, answer, tags, raw)
         asked = answered = 0

@@ -37,10 +37,14 @@ def record_simulator(records) -> FakeBackend:
     answers = {}
     for record in records:
         for q in record["questions"]:
-            prompt = render.simulator_messages(record["tags"], q["question"])[-1]["content"]
-            answers[prompt] = render.simulator_target(q["answer"], q["tags"])
+            messages = render.simulator_messages(record["tags"], q["question"])
+            answers[messages[0]["content"], messages[-1]["content"]] = render.simulator_target(q["answer"], q["tags"])
     no_answer = render.simulator_target(render.NO_PREFERENCE, [])
-    return FakeBackend(lambda request: answers.get(request.messages[-1]["content"], no_answer), name="fake:record-sim")
+
+    def respond(request):
+        return answers.get((request.messages[0]["content"], request.messages[-1]["content"]), no_answer)
+
+    return FakeBackend(respond, name="fake:record-sim")
 
 
 def interview(records, questioner, simulator, **kwargs):
@@ -187,7 +191,7 @@ def write_jsonl(path: Path, rows) -> Path:
 
 def simulator_script(records) -> list[dict]:
     rules = [
-        {"contains": f"Question: {q['question']}", "response": {"answer": q["answer"], "tags": q["tags"]}}
+        {"last": q["question"], "response": {"answer": q["answer"], "tags": q["tags"]}}
         for record in records
         for q in record["questions"]
     ]
@@ -238,7 +242,7 @@ def test_one_model_plays_both_roles_and_is_opened_once(tmp_path, monkeypatch):
 
     forward = write_jsonl(tmp_path / "forward.jsonl", RECORDS)
     script = tmp_path / "both.json"
-    rules = [{"contains": "Ask the next question.", "response": "bob: what about genre?"}] + simulator_script(RECORDS)
+    rules = [{"contains": "Ask the next question", "response": "bob: what about genre?"}] + simulator_script(RECORDS)
     script.write_text(json.dumps(rules))
     opened = []
     real_open = simulate_module.open_backend

@@ -1,8 +1,9 @@
 """transformers backend: ``hf:PATH[+ADAPTER]`` (a model directory or a .gguf file, optionally with a
 peft adapter). Batched generation with our own decoding loop; prompts built with the model's chat
-template. The states of prompt prefixes are kept between calls (``prefix_cache``), so a prompt
-that starts like an earlier one (the same profile, the same conversation one turn longer) only
-reads its new tokens; rows leave the batch as they finish.
+template by funnelqa.chat_template, exactly as training builds them. The states of prompt
+prefixes are kept between calls (``prefix_cache``), so a prompt that starts like an earlier one
+(the same profile, the same conversation one turn longer) only reads its new tokens; rows leave
+the batch as they finish.
 
 ``json_schema`` is not enforced: the prompts already ask for JSON and ``render.extract_json``
 tolerates chatter around it, while constrained decoding would cost more than these models gain.
@@ -16,6 +17,7 @@ from collections.abc import Sequence
 from funnelqa import models
 from funnelqa.backends import Backend, BackendOptions, Request
 from funnelqa.backends.prefix_cache import PrefixCache
+from funnelqa.chat_template import TemplateError, encode_chat
 from funnelqa.errors import BackendError
 
 
@@ -63,22 +65,19 @@ class HFBackend(Backend):
     def cache_id(self) -> str:
         return self._cache_id
 
-    def render(self, request: Request) -> str:
+    def encode(self, request: Request) -> list[int]:
+        """The prompt's token ids, built by the function training uses (funnelqa.chat_template)."""
         try:
-            return self.tokenizer.apply_chat_template(
-                [dict(m) for m in request.messages], tokenize=False, add_generation_prompt=True
-            )
-        except Exception as exc:  # jinja raises its own errors (e.g. a template that rejects a role)
-            raise BackendError(f"{self.spec}: the chat template cannot render this request: {exc}") from None
+            return list(encode_chat(self.tokenizer, request.messages).input_ids)
+        except TemplateError as exc:
+            raise BackendError(f"{self.spec}: {exc}") from None
 
     def generate(self, requests: Sequence[Request]) -> list[str]:
         import torch
 
         if not requests:
             return []
-        prompts = [self.render(r) for r in requests]
-        # Templates already contain the special tokens they want (e.g. Gemma's <bos>).
-        encoded = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
+        encoded = [self.encode(r) for r in requests]
         # Similar lengths in one batch waste less compute on padding.
         order = sorted(range(len(requests)), key=lambda i: len(encoded[i]))
         answers = [""] * len(requests)

@@ -74,7 +74,7 @@ class Batch:
     attention_mask: "torch.Tensor"  # noqa: F821
     position_ids: "torch.Tensor"  # noqa: F821
     labels: "torch.Tensor"  # noqa: F821
-    keep: int  # the longest target in the batch: only the last keep positions carry labels
+    keep: int  # only the last keep positions of the batch carry labels
     tokens: int  # real (non-padding) tokens
     target_tokens: int
 
@@ -104,7 +104,8 @@ def collate(items: Sequence[Encoded], pad_id: int) -> Batch:
         attention_mask=attention_mask,
         position_ids=position_ids,
         labels=labels,
-        keep=max(item.target_length for item in items),
+        # Left padding puts every row's end at the last column: from its first target on, a row needs logits.
+        keep=max(len(item) - item.first_target for item in items),
         tokens=sum(len(item) for item in items),
         target_tokens=sum(item.target_length for item in items),
     )
