@@ -169,25 +169,30 @@ def run_experiment(config_path: str | os.PathLike, root: str | os.PathLike | Non
 
     simulate_options = config.get("simulate", {})
     simulators = {"base": base, "fine-tuned": f"{base}+{simulator_dir}"}
-    systems: list[tuple[str, str, str, str | None, list[Path]]] = []
+    systems: list[tuple[str, str, str, str | None, list[Path], list[str]]] = []
     for form in forms:
         questioners = {"base": (base, []), "fine-tuned": (f"{base}+{adapters[form]}", [adapters[form]])}
         for q_label, (q_spec, q_inputs) in questioners.items():
             for s_label, s_spec in simulators.items():
                 s_inputs = [simulator_dir] if s_label == "fine-tuned" else []
-                systems.append((system_name(f"{q_label} questioner", f"{s_label} simulator", form), q_spec, s_spec, form, q_inputs + s_inputs))
+                systems.append((system_name(f"{q_label} questioner", f"{s_label} simulator", form), q_spec, s_spec, form, q_inputs + s_inputs, []))
+        if config.get("no_repeat"):
+            # Its own row beside the unguarded one: the guard must never hide what the model does alone.
+            systems.append((system_name("fine-tuned questioner +no-repeat", "fine-tuned simulator", form),
+                            f"{base}+{adapters[form]}", simulators["fine-tuned"], form, [adapters[form], simulator_dir],
+                            ["--no-repeat"]))
     for oracle in config.get("oracles", ["oracle", "oracle-shuffled"]):
-        systems.append((system_name(oracle, "fine-tuned simulator", None), oracle, simulators["fine-tuned"], None, [simulator_dir]))
+        systems.append((system_name(oracle, "fine-tuned simulator", None), oracle, simulators["fine-tuned"], None, [simulator_dir], []))
 
     sessions_dir = exp.root / "sessions"
     sessions_dir.mkdir(exist_ok=True)
     session_files = []
     labels: dict[str, str] = {}
-    for label, q_spec, s_spec, form, inputs in systems:
-        slug = label.replace(" / ", "__").replace(" ", "-").replace("[", "").replace("]", "")
+    for label, q_spec, s_spec, form, inputs, extra in systems:
+        slug = label.replace(" / ", "__").replace(" ", "-").replace("[", "").replace("]", "").replace("+", "")
         out = sessions_dir / f"{slug}.jsonl"
         args = ["simulate", str(data["test"]), "--questioner", q_spec, "--simulator", s_spec, "--seed", seed,
-                "--out", str(out), *flags(simulate_options)]
+                "--out", str(out), *flags(simulate_options), *extra]
         if form:
             args += ["--profile-form", form]
         run_stage(exp, f"simulate {label}", args, out, [data["test"], *inputs])
@@ -217,13 +222,13 @@ def hardware() -> str:
 def write_report(exp: Experiment, scores: Path, plots: Path, labels: dict[str, str], seconds: float) -> Path:
     rows = [json.loads(line) for line in scores.read_text(encoding="utf-8").splitlines() if line.strip()]
     lines = [f"# Experiment `{exp.name}`", "", f"Config: `{exp.config_path}`; hardware: {hardware()}.", ""]
-    lines += ["| system | users | BLEU | ROUGE-1 | ROUGE-2 | ROUGE-L | tag recall | unanswered | questions | funnel rho |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["| system | users | BLEU | ROUGE-1 | ROUGE-2 | ROUGE-L | tag recall | unanswered | repeated | questions | funnel rho |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         rho = row.get("funnel_spearman", {}).get("rho")
         lines.append(
             f"| {labels.get(row['source'], row['system'])} | {row['sessions']} | {row['bleu']:.3f} | {row['rouge1']:.3f} "
-            f"| {row['rouge2']:.3f} | {row['rougeL']:.3f} | {row['tag_recall']:.3f} | {100 * row['unanswered_rate']:.1f}% "
+            f"| {row['rouge2']:.3f} | {row['rougeL']:.3f} | {row['tag_recall']:.3f} | {100 * row['unanswered_rate']:.1f}% | {100 * row['repeat_rate']:.1f}% "
             f"| {row['questions_asked']:.2f} | {'-' if rho is None else f'{rho:.2f}'} |"
         )
     lines += ["", "## Stages (wall time; 'cached' = done by an earlier run)", "", "| stage | seconds | command |", "|---|---|---|"]

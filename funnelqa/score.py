@@ -7,7 +7,8 @@ Texts compared (Algorithm 2, line 7: an answer takes the corresponding value of 
 One session file is one system. Each gets BLEU and ROUGE-1/2/L, tag recall, unanswered rate,
 questions asked, every metric after 1..T questions (paper Fig. 4), the weighted rank of each
 concept (Eq. 11, Fig. 7), and the Spearman correlation between the position at which a tag is
-revealed and its generality (its index in the ranked target list).
+revealed and its generality (its index in the ranked target list), and the share of asked
+questions that repeat an earlier one of the same interview (funnelqa.repeats).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from funnelqa import metrics
 from funnelqa.errors import InputError, UsageError
+from funnelqa.repeats import repeated_turns
 from funnelqa.records import Record, RecordWriter, check_session, load_records, source_name
 
 
@@ -107,6 +109,8 @@ def score_sessions(sessions: Sequence[Record], *, seed: int = 0, cache: metrics.
     summary["unanswered_rate"] = sum(not turn["answered"] for turn in turns) / len(turns) if turns else None
     summary["questions_asked"] = metrics.mean(len(session["turns"]) for session in sessions)
     summary["complete_rate"] = metrics.mean(float(tag_recall(e, t) == 1.0) for e, t in zip(finals, targets))
+    asked = [[turn["question"] for turn in session["turns"] if turn["question"].strip()] for session in sessions]
+    summary["repeat_rate"] = sum(map(repeated_turns, asked)) / max(1, sum(map(len, asked)))
 
     curve: dict[str, list] = {"questions": list(range(1, horizon + 1))}
     for questions in curve["questions"]:
@@ -173,7 +177,7 @@ def print_table(results: Sequence[dict]) -> None:
 
     table = Table(title="funnelqa score", title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1))
     table.add_column("system", overflow="fold")
-    for column in ("n", "BLEU", "R-1", "R-2", "R-L", "recall", "unansw.", "asked", "rho"):
+    for column in ("n", "BLEU", "R-1", "R-2", "R-L", "recall", "unansw.", "repeat", "asked", "rho"):
         table.add_column(column, justify="right", no_wrap=True)
 
     def fmt(value) -> str:
@@ -189,6 +193,7 @@ def print_table(results: Sequence[dict]) -> None:
             fmt(result["rougeL"]),
             fmt(result["tag_recall"]),
             fmt(result["unanswered_rate"]),
+            fmt(result["repeat_rate"]),
             f"{result['questions_asked']:.1f}",
             fmt(result["funnel_spearman"]["rho"]),
         )
@@ -196,7 +201,7 @@ def print_table(results: Sequence[dict]) -> None:
     console = stderr if stderr.is_terminal else Console(stderr=True, width=160)
     console.print(table)
     console.print("recall: share of target tags revealed; unansw.: share of questions answered 'No preference'; "
-                 "asked: questions per user; rho: Spearman(reveal position, tag generality), > 0 = funnel order")
+                 "repeat: share of questions repeating an earlier one; asked: questions per user; rho: Spearman(reveal position, tag generality), > 0 = funnel order")
 
 
 def score_files(

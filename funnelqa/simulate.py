@@ -46,6 +46,8 @@ class Interview:
     turns: list[dict] = field(default_factory=list)
     elicited: list[dict] = field(default_factory=list)
     stop: str | None = None
+    # What the --no-repeat guard did to the question of the coming turn, kept with that turn.
+    guard: dict | None = None
 
     @property
     def target(self) -> list[dict]:
@@ -78,8 +80,10 @@ class Interview:
                 "tags": list(tags),
                 "answered": answered,
                 "raw": raw,
+                **({"guard": self.guard} if self.guard else {}),
             }
         )
+        self.guard = None
         revealed = self.revealed()
         for name in tags:
             if name not in revealed:
@@ -202,10 +206,12 @@ def simulate_file(
     limit: int | None = None,
     skip_invalid: bool = False,
     progress: bool = True,
+    no_repeat: bool = False,
 ) -> int:
     """`funnelqa simulate`: interview the users of a forward file; returns how many sessions were written.
 
     With ``out``, users finished by an earlier, interrupted run are skipped (and kept).
+    ``no_repeat``: the questioner's repeat guard (``LLMQuestioner``), recorded in every session.
     """
     from funnelqa.console import stderr
 
@@ -237,6 +243,8 @@ def simulate_file(
             return opened[spec]
 
         meta = {"questioner": questioner, "simulator": simulator, "profile_form": form}
+        if no_repeat:
+            meta["no_repeat"] = True
         if questioner == ORACLE_SHUFFLED:
             meta["seed"] = seed
         totals = {"asked": 0, "answered": 0}
@@ -252,7 +260,7 @@ def simulate_file(
                 )
 
         try:
-            asker = open_questioner(questioner, form, open_model, seed=seed)
+            asker = open_questioner(questioner, form, open_model, seed=seed, no_repeat=no_repeat)
             answerer = UserSimulator(open_model(simulator))
             for session in run_interviews(todo, asker, answerer, max_questions=max_questions, meta=meta, on_turn=report):
                 writer.write(session)

@@ -370,3 +370,61 @@ def test_infer_tags_orders_by_evidence():
     answer = "Classic 1970s and 1950s crime comedy and romance."
     assert render.infer_tags(answer, MOVIE_PROFILE) == ["Era", "Genre"]
 
+
+
+# ---- the --no-repeat guard ----
+
+def test_repeats_are_near_duplicates_in_any_script():
+    from funnelqa.repeats import is_repeat, repeated_turns
+
+    assert is_repeat("What kind of characters do you like?", ["What kind of characters do you like ?"])
+    assert is_repeat("what KIND of characters do you like", ["Who?", "What kind of characters do you like?"])
+    assert not is_repeat("What kinds of movies do you usually avoid?", ["What kinds of movies do you usually enjoy?"])
+    assert is_repeat("Какие фильмы вы любите?", ["Какие фильмы вы любите"])
+    assert not is_repeat("", ["?"])
+    assert repeated_turns(["A b c?", "D e f?", "a b c", "d e f!", "g?"]) == 2
+
+
+def looping_questioner(fresh: bool) -> FakeBackend:
+    """Greedy: always the same question. Sampled (the guard's candidates): a new one per seed, or
+    the same one again when ``fresh`` is False."""
+
+    def respond(request):
+        if request.temperature == 0 or not fresh:
+            return "What kinds of movies do you usually enjoy?"
+        return f"Which director number {request.seed} do you like?"
+
+    return FakeBackend(respond, name="fake:loop")
+
+
+@pytest.mark.parametrize("fresh", [True, False])
+def test_no_repeat_replaces_a_repeated_question_and_says_so(fresh):
+    records = [make_record("ann", [("Genre", "Crime."), ("Director", "Billy Wilder.")])]
+    guarded = LLMQuestioner(looping_questioner(fresh), "qa", no_repeat=True)
+    sessions = interview(records, guarded, record_simulator(records), max_questions=3)
+    turns = sessions[0]["turns"]
+    assert turns[0]["question"] == "What kinds of movies do you usually enjoy?" and "guard" not in turns[0]
+    if fresh:
+        assert [t["question"] for t in turns[1:]] == ["Which director number 1000 do you like?",
+                                                       "Which director number 2000 do you like?"]
+        assert turns[1]["guard"] == {"repeat": "What kinds of movies do you usually enjoy?", "replaced": True}
+    else:  # nothing better came up: the model's own question stays, and the session says so
+        assert {t["question"] for t in turns} == {"What kinds of movies do you usually enjoy?"}
+        assert all(t["guard"]["replaced"] is False for t in turns[1:])
+    unguarded = interview(records, LLMQuestioner(looping_questioner(fresh), "qa"), record_simulator(records), max_questions=3)
+    assert all("guard" not in t for t in unguarded[0]["turns"])
+
+
+def test_no_repeat_is_recorded_and_refused_for_the_oracles(tmp_path):
+    forward = write_jsonl(tmp_path / "forward.jsonl", RECORDS)
+    script = tmp_path / "q.json"
+    script.write_text(json.dumps([{"contains": "Ask the next question", "response": "What do you like?"}]
+                                 + simulator_script(RECORDS)))
+    result = run_cli("simulate", forward, "-q", f"fake:{script}", "-s", f"fake:{script}", "-T", "2", "--no-repeat",
+                     "--no-cache")
+    assert result.returncode == 0, result.stderr
+    sessions = [json.loads(line) for line in result.stdout.splitlines()]
+    assert all(s["no_repeat"] is True for s in sessions)
+    assert all(s["turns"][1]["guard"]["replaced"] is False for s in sessions)  # the script has nothing else to say
+    refused = run_cli("simulate", forward, "-q", "oracle", "-s", f"fake:{script}", "--no-repeat", "--no-cache")
+    assert refused.returncode == 2 and "--no-repeat guards a model questioner" in refused.stderr

@@ -532,3 +532,32 @@ def test_gradient_checkpointing_recomputes_the_same_gradients(tiny, examples, tm
     recomputed = load_file(tmp_path / "gc" / "adapter_model.safetensors")
     for name in plain:
         assert (plain[name] - recomputed[name]).abs().max() < 1e-5, name
+
+
+# ---- training and inference see the same tokens ----
+
+def test_simulate_prompts_are_the_training_conversations_token_for_token(tiny, tmp_path):
+    """At turn t, the questioner's and the simulator's prompts in `simulate` are the tokens that
+    precede target t in the training conversation of that user."""
+    from funnelqa.backends import BackendOptions, load_backend
+    from funnelqa.questioners import LLMQuestioner
+    from funnelqa.simulate import Interview, UserSimulator
+
+    lines = [e for e in corrupt_output(1) if not e.get("negative")]
+    backend = load_backend(f"hf:{tiny}", BackendOptions(device="cpu", dtype="float32"))
+    tokenizer = backend.tokenizer
+    profile = lines[-1]["profile_tags"]
+    questions = [(q, t["content"], [t["tag"]]) for (q, _), t in zip(QUESTIONS, profile)]
+    record = {"id": "u0", "tags": profile,
+              "questions": [{"question": q, "answer": a, "tags": tags} for q, a, tags in questions]}
+    for role, ask in (("questioner", LLMQuestioner(backend, "qa")), ("simulator", UserSimulator(backend))):
+        data = read_examples(write_jsonl(tmp_path / f"{role}.jsonl", lines), role)
+        chat, = encode_examples(tokenizer, data, role, "qa" if role == "questioner" else None, 4096, "conversation")[0]
+        for t in range(len(questions)):
+            interview = Interview(record)
+            for q, a, tags in questions[:t]:
+                interview.add_turn(q, a, tags, raw=None)
+            request = ask.request(interview) if role == "questioner" else ask.request(interview, questions[t][0])
+            prompt = backend.encode(request)
+            assert prompt == list(chat.input_ids[: chat.targets[t][0]]), (role, t)
+    backend.close()
