@@ -144,15 +144,16 @@ def _decode(raw: bytes) -> str:
         raise ValueError(f"not valid UTF-8 (byte 0x{raw[exc.start]:02x} at byte {exc.start + 1} of the line)") from None
 
 
-def _not_jsonl(first_line: str) -> str | None:
+def _not_jsonl(first_line: str, name: str) -> str | None:
     """What the file is instead of JSONL, judged by its first line, or None."""
     start = first_line.strip()
+    stem = "records" if name == "<stdin>" else Path(name).stem
     if start.startswith("["):
         return ("holds a JSON array, not JSONL (one JSON object per line); "
-                "convert it with: jq -c '.[]' FILE > FILE.jsonl")
+                f"convert it with: jq -c '.[]' {name} > {stem}.jsonl")
     if start == "{":
         return ("holds pretty-printed JSON, not JSONL (one JSON object per line); "
-                "convert it with: jq -c . FILE > FILE.jsonl")
+                f"convert it with: jq -c . {name} > {stem}.jsonl")
     return None
 
 
@@ -190,12 +191,12 @@ def read_records(
                 try:
                     record = json.loads(line.rstrip("\r\n"))
                 except json.JSONDecodeError as exc:
-                    if yielded == skipped == 0 and (what := _not_jsonl(line)):
+                    if yielded == skipped == 0 and (what := _not_jsonl(line, name)):
                         raise InputError(name, None, what) from None
                     raise ValueError(f"malformed JSON ({exc.msg} at column {exc.colno})") from None
                 if not isinstance(record, dict):
                     if yielded == skipped == 0 and isinstance(record, list) and record and isinstance(record[0], dict):
-                        raise InputError(name, None, _not_jsonl("[") or "")
+                        raise InputError(name, None, _not_jsonl("[", name) or "")
                     raise ValueError(f"expected a JSON object, got {type(record).__name__}")
                 if _ESCAPED_SURROGATE.search(line):
                     record = scrub_surrogates(record)
