@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from funnelqa import records
-from funnelqa.backends import Backend, Request
+from funnelqa.backends import Backend, FailedAnswer, Request
 from funnelqa.prompts import load
 from funnelqa.records import Record
 from funnelqa.render import extract_json, format_tags, match_tags
@@ -217,6 +217,7 @@ def process_batch(stage: Stage, batch: list[Record], backend: Backend, retries: 
     results: list[Record | None] = [None] * len(batch)
     pending = {i: stage.request(record, max_tokens or stage.max_tokens) for i, record in enumerate(batch)}
     last: dict[int, tuple[str, str]] = {}
+    unasked = 0
     for attempt in range(retries + 1):
         if not pending:
             break
@@ -226,6 +227,10 @@ def process_batch(stage: Stage, batch: list[Record], backend: Backend, retries: 
         answers = backend.generate([pending[i] for i in order])
         retry: dict[int, Request] = {}
         for i, text in zip(order, answers):
+            if isinstance(text, FailedAnswer):  # asking again would fail alike
+                results[i] = {**batch[i], "error": {"stage": stage.name, "message": text.reason, "output": ""}}
+                unasked += 1
+                continue
             try:
                 results[i] = stage.accept(batch[i], text)
             except (InvalidOutput, ValueError) as exc:
@@ -237,7 +242,8 @@ def process_batch(stage: Stage, batch: list[Record], backend: Backend, retries: 
         results[i] = {**batch[i], "error": {"stage": stage.name, "message": f"{reason} (after {retries + 1} attempts)",
                                             "output": text[:4000]}}
         summary.failed += 1
-    summary.ok += len(batch) - len(pending)
+    summary.failed += unasked
+    summary.ok += len(batch) - len(pending) - unasked
     return [r for r in results if r is not None]
 
 

@@ -46,6 +46,19 @@ class Request:
         return data
 
 
+class FailedAnswer(str):
+    """The answer to one request that the backend could not ask (a prompt beyond the model's
+    context): an empty string that says why in ``reason``. The rest of the batch goes on; stages
+    write it as an ``error`` record, and the cache never stores it."""
+
+    reason: str
+
+    def __new__(cls, reason: str) -> FailedAnswer:
+        answer = super().__new__(cls, "")
+        answer.reason = reason
+        return answer
+
+
 @dataclass
 class BackendOptions:
     """Knobs a backend may use; each takes the ones that mean something to it."""
@@ -129,7 +142,8 @@ class CachedBackend(Backend):
             chunk = list(unique.items())[start : start + max(1, self.inner.batch_size)]
             answers = self.inner.generate([requests[i] for _, i in chunk])
             self.calls += len(chunk)
-            self.cache.put_many(self.inner.cache_id, [(key, a) for (key, _), a in zip(chunk, answers)])
+            self.cache.put_many(self.inner.cache_id, [(key, a) for (key, _), a in zip(chunk, answers)
+                                                      if not isinstance(a, FailedAnswer)])
             found.update({key: a for (key, _), a in zip(chunk, answers)})
         return [found[key] for key in keys]
 

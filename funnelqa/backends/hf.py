@@ -14,7 +14,7 @@ import os
 from collections.abc import Sequence
 
 from funnelqa import models
-from funnelqa.backends import Backend, BackendOptions, Request
+from funnelqa.backends import Backend, BackendOptions, FailedAnswer, Request
 from funnelqa.backends.prefix_cache import PrefixCache
 from funnelqa.errors import BackendError
 
@@ -79,9 +79,10 @@ class HFBackend(Backend):
         prompts = [self.render(r) for r in requests]
         # Templates already contain the special tokens they want (e.g. Gemma's <bos>).
         encoded = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
+        # A FailedAnswer is an empty, so false, string: test for None.
+        answers: list[str] = [failed if (failed := self.over_context(len(ids))) is not None else "" for ids in encoded]
         # Similar lengths in one batch waste less compute on padding.
-        order = sorted(range(len(requests)), key=lambda i: len(encoded[i]))
-        answers = [""] * len(requests)
+        order = sorted((i for i in range(len(requests)) if not isinstance(answers[i], FailedAnswer)), key=lambda i: len(encoded[i]))
         with torch.inference_mode():
             for start in range(0, len(order), self.batch_size):
                 chunk = order[start : start + self.batch_size]
@@ -89,6 +90,25 @@ class HFBackend(Backend):
                 for i, text in zip(chunk, texts):
                     answers[i] = text
         return answers
+
+    def context_length(self) -> int | None:
+        """Positions the model was built for (its config's ``max_position_embeddings``), or None."""
+        config = self.model.config
+        config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+            value = getattr(config, name, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return None
+
+    def over_context(self, prompt_tokens: int) -> FailedAnswer | None:
+        """A FailedAnswer when a prompt leaves no room to answer within the context: beyond it the
+        model reads positions it never learned and writes garbage, so it is not asked."""
+        limit = self.context_length()
+        if limit is None or prompt_tokens < limit:
+            return None
+        return FailedAnswer(f"the prompt is {prompt_tokens} tokens, more than the model's context of {limit} tokens "
+                            f"({self.spec}); shorten the input")
 
     def _generate_batch(self, token_ids: list[list[int]], requests: list[Request]) -> list[str]:
         """Greedy (or per-request sampled) decoding of one batch, with our own loop rather than
