@@ -21,6 +21,7 @@ from funnelqa.backends import Backend, BackendOptions, Request, open_backend
 from funnelqa.errors import UsageError
 from funnelqa.questioners import ORACLE_SHUFFLED, Questioner, default_profile_form, open_questioner
 from funnelqa.records import Record, RecordWriter, check_questions, read_records
+from funnelqa.redact import redact
 
 # A simulator answer is one or two sentences plus tag names: under 300 characters (about 70
 # tokens) of JSON in the MovieLens data. Twice that keeps a verbose model's JSON whole, while a
@@ -230,7 +231,7 @@ def simulate_file(
                 opened[spec] = open_backend(spec, options, use_cache=use_cache, cache_path=cache_path)
             return opened[spec]
 
-        meta = {"questioner": questioner, "simulator": simulator, "profile_form": form}
+        meta = {"questioner": redact(questioner), "simulator": redact(simulator), "profile_form": form}
         if questioner == ORACLE_SHUFFLED:
             meta["seed"] = seed
         totals = {"asked": 0, "answered": 0}
