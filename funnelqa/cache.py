@@ -26,7 +26,7 @@ def default_cache_dir() -> Path:
 
 def cache_key(model_id: str, payload: dict) -> str:
     blob = json.dumps({"model": model_id, "request": payload}, sort_keys=True, ensure_ascii=False)
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+    return hashlib.sha256(blob.encode("utf-8", "surrogatepass")).hexdigest()  # a lone surrogate must not crash a key
 
 
 class LLMCache:

@@ -131,6 +131,7 @@ class CachedBackend(Backend):
 
     def generate(self, requests: Sequence[Request]) -> list[str]:
         from funnelqa.cache import cache_key
+        from funnelqa.records import scrub_surrogates
 
         keys = [cache_key(self.inner.cache_id, r.payload()) for r in requests]
         found = self.cache.get_many(keys)
@@ -142,7 +143,8 @@ class CachedBackend(Backend):
             unique.setdefault(keys[i], i)
         for start in range(0, len(unique), max(1, self.inner.batch_size)):
             chunk = list(unique.items())[start : start + max(1, self.inner.batch_size)]
-            answers = self.inner.generate([requests[i] for _, i in chunk])
+            # A lone surrogate (half an emoji) in an answer cannot be stored as UTF-8.
+            answers = [a if isinstance(a, FailedAnswer) else scrub_surrogates(a) for a in self.inner.generate([requests[i] for _, i in chunk])]
             self.calls += len(chunk)
             self.cache.put_many(self.inner.cache_id, [(key, a) for (key, _), a in zip(chunk, answers)
                                                       if not isinstance(a, FailedAnswer)])
