@@ -34,9 +34,14 @@ def teacher(tmp_path: Path, response=None) -> str:
 
 # ---- 1. bytes and encodings ----
 
-@pytest.mark.parametrize("command", [["corrupt"], ["score"], ["simulate", "-q", "oracle", "-s", "fake:x"]])
-def test_invalid_utf8_through_stdin_is_one_line_in_every_command(command):
-    data = json.dumps(FORWARD).encode() + b"\n" + b'{"id": "u2", "profile": "Mis\xe9rables"}\n'
+SESSION = {"id": "u1", "turns": [{"question": "Q?", "answer": "Crime.", "tags": ["Genre"], "answered": True}],
+           "elicited": TAGS[:1], "target": TAGS}
+
+
+@pytest.mark.parametrize("command, first", [(["corrupt"], FORWARD), (["score"], SESSION),
+                                            (["simulate", "-q", "oracle", "-s", "fake:x"], FORWARD)])
+def test_invalid_utf8_through_stdin_is_one_line_in_every_command(command, first):
+    data = json.dumps(first).encode() + b"\n" + b'{"id": "u2", "profile": "Mis\xe9rables"}\n'
     argv = [funnelqa_executable(), command[0], "-", *command[1:]]
     result = subprocess.run(argv, input=data, capture_output=True)
     assert result.returncode == 2, result.stderr
