@@ -193,7 +193,10 @@ def read_records(
                 except json.JSONDecodeError as exc:
                     if yielded == skipped == 0 and (what := _not_jsonl(line, name)):
                         raise InputError(name, None, what) from None
-                    raise ValueError(f"malformed JSON ({exc.msg} at column {exc.colno})") from None
+                    reason = exc.msg.removesuffix(" at")  # "Invalid control character at"
+                    raise ValueError(f"malformed JSON ({reason} at column {exc.colno})") from None
+                except RecursionError:
+                    raise ValueError("JSON nested too deeply") from None
                 if not isinstance(record, dict):
                     if yielded == skipped == 0 and isinstance(record, list) and record and isinstance(record[0], dict):
                         raise InputError(name, None, _not_jsonl("[", name) or "")

@@ -263,3 +263,14 @@ def test_a_key_in_a_base_url_is_in_no_spec_cache_id_or_error_line(tmp_path):
     result = run_cli("structure", _profiles(tmp_path / "p.jsonl", 1), "--model",
                      "openai:m@http://user:sk-SECRET@127.0.0.1:9/v1", "--timeout", "0.2")
     assert result.returncode != 0 and "SECRET" not in result.stderr and "***@127.0.0.1:9" in result.stderr
+
+
+@pytest.mark.parametrize("line, message", [
+    ("[" * 100000, ":1: JSON nested too deeply"),
+    ('{"id": "a", "profile": "x\x00y"}', ":1: malformed JSON (Invalid control character at column 26)"),
+])
+def test_pathological_lines_are_input_errors_not_tracebacks(tmp_path, line, message):
+    path = tmp_path / "p.jsonl"
+    path.write_text(line + "\n")
+    with pytest.raises(InputError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        records.load_records(path)
