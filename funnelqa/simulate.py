@@ -231,9 +231,11 @@ def simulate_file(
                 opened[spec] = open_backend(spec, options, use_cache=use_cache, cache_path=cache_path)
             return opened[spec]
 
-        meta = {"questioner": redact(questioner), "simulator": redact(simulator), "profile_form": form}
+        meta = {"questioner": questioner, "simulator": simulator, "profile_form": form}
         if questioner == ORACLE_SHUFFLED:
             meta["seed"] = seed
+        # Sessions keep the specs: a key written into a base URL must not go with them.
+        meta.update(questioner=redact(questioner), simulator=redact(simulator))
         totals = {"asked": 0, "answered": 0}
 
         def report(turn: TurnReport) -> None:

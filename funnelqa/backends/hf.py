@@ -79,10 +79,10 @@ class HFBackend(Backend):
         prompts = [self.render(r) for r in requests]
         # Templates already contain the special tokens they want (e.g. Gemma's <bos>).
         encoded = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
-        # A FailedAnswer is an empty, so false, string: test for None.
-        answers: list[str] = [failed if (failed := self.over_context(len(ids))) is not None else "" for ids in encoded]
         # Similar lengths in one batch waste less compute on padding.
-        order = sorted((i for i in range(len(requests)) if not isinstance(answers[i], FailedAnswer)), key=lambda i: len(encoded[i]))
+        order = sorted(range(len(requests)), key=lambda i: len(encoded[i]))
+        answers = [""] * len(requests)
+        order = self._within_context(order, encoded, answers)
         with torch.inference_mode():
             for start in range(0, len(order), self.batch_size):
                 chunk = order[start : start + self.batch_size]
@@ -100,6 +100,17 @@ class HFBackend(Backend):
             if isinstance(value, int) and value > 0:
                 return value
         return None
+
+    def _within_context(self, order: list[int], encoded: list[list[int]], answers: list[str]) -> list[int]:
+        """``order`` without the prompts beyond the context, whose ``answers`` become FailedAnswers."""
+        kept = []
+        for i in order:
+            failed = self.over_context(len(encoded[i]))
+            if failed is None:
+                kept.append(i)
+            else:
+                answers[i] = failed
+        return kept
 
     def over_context(self, prompt_tokens: int) -> FailedAnswer | None:
         """A FailedAnswer when a prompt leaves no room to answer within the context: beyond it the
