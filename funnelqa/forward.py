@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from funnelqa import records
-from funnelqa.backends import Backend, FailedAnswer, Request
+from funnelqa.backends import Backend, Request, answer_status
 from funnelqa.prompts import load
 from funnelqa.records import Record
 from funnelqa.render import extract_json, format_tags, match_tags
@@ -227,8 +227,8 @@ def process_batch(stage: Stage, batch: list[Record], backend: Backend, retries: 
         answers = backend.generate([pending[i] for i in order])
         retry: dict[int, Request] = {}
         for i, text in zip(order, answers):
-            if isinstance(text, FailedAnswer):  # asking again would fail alike
-                results[i] = {**batch[i], "error": {"stage": stage.name, "message": text.reason, "output": ""}}
+            if answer_status(text)[0] == "failed":  # not asked (a prompt beyond the context): asking again fails alike
+                results[i] = {**batch[i], "error": {"stage": stage.name, "message": answer_status(text)[1], "output": ""}}
                 unasked += 1
                 continue
             try:

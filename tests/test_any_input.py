@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from funnelqa import metrics, records, render
-from funnelqa.backends import BackendOptions, FailedAnswer, Request, load_backend
+from funnelqa.backends import BackendOptions, Request, answer_status, load_backend
 from funnelqa.cache import cache_key
 from funnelqa.errors import InputError, OutputInUse
 from funnelqa.forward import InvalidOutput, accept_questions, accept_rank, accept_structure
@@ -217,21 +217,20 @@ def test_an_input_error_before_any_work_leaves_no_partial(tmp_path):
 
 # ---- 5. sizes the model cannot take ----
 
-def test_a_prompt_beyond_the_context_fails_alone_and_is_not_cached(tmp_path):
-    from funnelqa.backends import CachedBackend
-    from funnelqa.cache import LLMCache
+def test_a_prompt_beyond_the_context_fails_alone_before_generating(tmp_path):
     from tests.tiny import make_tiny_model
 
     model = make_tiny_model(tmp_path / "tiny")
     config = json.loads((model / "config.json").read_text())
     config["max_position_embeddings"] = 48
     (model / "config.json").write_text(json.dumps(config))
-    backend = CachedBackend(load_backend(f"hf:{model}", BackendOptions(device="cpu", dtype="float32")), LLMCache(tmp_path / "c.sqlite"))
+    backend = load_backend(f"hf:{model}", BackendOptions(device="cpu", dtype="float32"))
     long, short = Request.chat(None, "crime films " * 40, max_tokens=3), Request.chat(None, "hi", max_tokens=3)
-    answers = backend.generate([long, short])
-    assert isinstance(answers[0], FailedAnswer) and not isinstance(answers[1], FailedAnswer)
-    assert "more than the model's context of 48 tokens" in answers[0].reason
-    assert len(backend.cache) == 1
+    answers = backend.generate([long, short, long])
+    finish, detail = answer_status(answers[0])
+    assert finish == "failed" and "more than the model's context of 48 tokens" in detail
+    assert answer_status(answers[2])[0] == "failed"
+    assert answer_status(answers[1])[0] != "failed" and answers[1]
 
 
 # ---- 6. sessions score cannot score ----

@@ -14,8 +14,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from funnelqa.errors import UsageError
-from funnelqa.redact import redact
+from funnelqa.errors import BackendError, UsageError
 
 REGISTRY: dict[str, str] = {
     "gemini": "funnelqa.backends.gemini:GeminiBackend",
@@ -47,17 +46,42 @@ class Request:
         return data
 
 
-class FailedAnswer(str):
-    """The answer to one request that the backend could not ask (a prompt beyond the model's
-    context): an empty string that says why in ``reason``. The rest of the batch goes on; stages
-    write it as an ``error`` record, and the cache never stores it."""
+class Answer(str):
+    """A model's reply text, plus how the reply ended when that was not a plain, complete stop.
 
-    reason: str
+    A plain ``str`` from a backend means a complete answer. ``finish`` is one of:
+    "stop" (complete), "length" (cut at the token budget), "blocked" (a safety filter refused the
+    prompt or the answer), "empty" (no text, no stated reason) and "failed" (no answer at all:
+    the calls failed for good after their retries). ``detail`` names the cause in the API's own
+    terms, e.g. "finishReason MAX_TOKENS at maxOutputTokens=32".
+    """
 
-    def __new__(cls, reason: str) -> FailedAnswer:
-        answer = super().__new__(cls, "")
-        answer.reason = reason
+    finish: str
+    detail: str
+
+    def __new__(cls, text: str = "", finish: str = "stop", detail: str = "") -> Answer:
+        answer = super().__new__(cls, text)
+        answer.finish = finish
+        answer.detail = detail
         return answer
+
+
+def raise_failures(answers: list[str]) -> list[str]:
+    """``answers`` unchanged, or BackendError naming the first that failed for good (``generate``'s contract)."""
+    failed = [a for a in answers if getattr(a, "finish", "stop") == "failed"]
+    if failed:
+        more = f" (and {len(failed) - 1} more of {len(answers)} requests)" if len(failed) > 1 else ""
+        raise BackendError(f"{failed[0].detail}{more}")
+    return answers
+
+
+def answer_status(answer: str) -> tuple[str, str]:
+    """(finish, detail) of any backend's answer; blank text that claims a stop counts as "empty"."""
+    finish = getattr(answer, "finish", "stop")
+    detail = getattr(answer, "detail", "")
+    if finish == "stop" and not answer.strip():
+        return "empty", detail or "the model answered with no text"
+    return finish, detail
 
 
 @dataclass
@@ -109,6 +133,8 @@ def load_backend(spec: str, options: BackendOptions | None = None) -> Backend:
     module_name, _, class_name = REGISTRY[name].partition(":")
     cls = getattr(importlib.import_module(module_name), class_name)
     backend = cls.from_spec(arg, options or BackendOptions())
+    from funnelqa.redact import redact
+
     # The spec is shown, stored in sessions and keys the cache: a key written into its URL must not be.
     backend.spec = redact(spec)
     return backend
@@ -131,7 +157,6 @@ class CachedBackend(Backend):
 
     def generate(self, requests: Sequence[Request]) -> list[str]:
         from funnelqa.cache import cache_key
-        from funnelqa.records import scrub_surrogates
 
         keys = [cache_key(self.inner.cache_id, r.payload()) for r in requests]
         found = self.cache.get_many(keys)
@@ -143,11 +168,9 @@ class CachedBackend(Backend):
             unique.setdefault(keys[i], i)
         for start in range(0, len(unique), max(1, self.inner.batch_size)):
             chunk = list(unique.items())[start : start + max(1, self.inner.batch_size)]
-            # A lone surrogate (half an emoji) in an answer cannot be stored as UTF-8.
-            answers = [a if isinstance(a, FailedAnswer) else scrub_surrogates(a) for a in self.inner.generate([requests[i] for _, i in chunk])]
+            answers = self.inner.generate([requests[i] for _, i in chunk])
             self.calls += len(chunk)
-            self.cache.put_many(self.inner.cache_id, [(key, a) for (key, _), a in zip(chunk, answers)
-                                                      if not isinstance(a, FailedAnswer)])
+            self.cache.put_many(self.inner.cache_id, [(key, a) for (key, _), a in zip(chunk, answers)])
             found.update({key: a for (key, _), a in zip(chunk, answers)})
         return [found[key] for key in keys]
 

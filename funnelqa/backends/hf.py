@@ -14,7 +14,7 @@ import os
 from collections.abc import Sequence
 
 from funnelqa import models
-from funnelqa.backends import Backend, BackendOptions, FailedAnswer, Request
+from funnelqa.backends import Answer, Backend, BackendOptions, Request
 from funnelqa.backends.prefix_cache import PrefixCache
 from funnelqa.errors import BackendError
 
@@ -102,7 +102,7 @@ class HFBackend(Backend):
         return None
 
     def _within_context(self, order: list[int], encoded: list[list[int]], answers: list[str]) -> list[int]:
-        """``order`` without the prompts beyond the context, whose ``answers`` become FailedAnswers."""
+        """``order`` without the prompts beyond the context, whose ``answers`` become failed Answers."""
         kept = []
         for i in order:
             failed = self.over_context(len(encoded[i]))
@@ -112,14 +112,14 @@ class HFBackend(Backend):
                 answers[i] = failed
         return kept
 
-    def over_context(self, prompt_tokens: int) -> FailedAnswer | None:
-        """A FailedAnswer when a prompt leaves no room to answer within the context: beyond it the
-        model reads positions it never learned and writes garbage, so it is not asked."""
+    def over_context(self, prompt_tokens: int) -> Answer | None:
+        """A failed Answer when a prompt leaves no room to answer within the context: beyond it
+        the model reads positions it never learned and writes garbage, so it is not asked."""
         limit = self.context_length()
         if limit is None or prompt_tokens < limit:
             return None
-        return FailedAnswer(f"the prompt is {prompt_tokens} tokens, more than the model's context of {limit} tokens "
-                            f"({self.spec}); shorten the input")
+        return Answer("", finish="failed", detail=f"the prompt is {prompt_tokens} tokens, more than the model's "
+                                                  f"context of {limit} tokens ({self.spec}); shorten the input")
 
     def _generate_batch(self, token_ids: list[list[int]], requests: list[Request]) -> list[str]:
         """Greedy (or per-request sampled) decoding of one batch, with our own loop rather than
