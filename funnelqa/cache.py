@@ -60,10 +60,13 @@ class LLMCache:
         return found
 
     def put_many(self, model_id: str, items: Iterable[tuple[str, str]]) -> None:
+        from funnelqa.records import scrub_surrogates
+
         now = time.time()
         self._db.executemany(
             "INSERT OR REPLACE INTO answers (key, model, answer, created) VALUES (?, ?, ?, ?)",
-            [(key, model_id, answer, now) for key, answer in items],
+            # sqlite stores UTF-8: a lone surrogate in an answer (an emoji cut in half) cannot be stored.
+            [(key, model_id, scrub_surrogates(answer), now) for key, answer in items],
         )
 
     def __len__(self) -> int:

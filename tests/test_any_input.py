@@ -64,7 +64,9 @@ def test_lone_surrogates_never_crash_the_cache_or_the_writer(tmp_path):
     assert record["profile"] == "I love \ufffd films"
     cache_key("m", {"prompt": "half \ud83d"})  # no UnicodeEncodeError
     assert records.dumps({"id": "x", "text": "a\udc80b"}) == '{"id": "x", "text": "a\ufffdb"}'
-    # Through a stage with the on-disk cache, and a model answer that itself holds one.
+    # Through a stage with the on-disk cache, whose prompts hold the input's text.
+    assert run_cli("structure", path, "--model", teacher(tmp_path), "--out", tmp_path / "c.jsonl").returncode == 0
+    # A model answer that itself holds one reaches the cache and the writer.
     half = teacher(tmp_path, {"tags": [{"tag": "Genre", "content": "crime \ud83d films"}]})
     result = run_cli("structure", path, "--model", half, "--out", tmp_path / "s.jsonl")
     assert result.returncode == 0, result.stderr
