@@ -26,7 +26,7 @@ def default_cache_dir() -> Path:
 
 def cache_key(model_id: str, payload: dict) -> str:
     blob = json.dumps({"model": model_id, "request": payload}, sort_keys=True, ensure_ascii=False)
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+    return hashlib.sha256(blob.encode("utf-8", "surrogatepass")).hexdigest()  # a lone surrogate must not crash a key
 
 
 class LLMCache:
@@ -60,10 +60,13 @@ class LLMCache:
         return found
 
     def put_many(self, model_id: str, items: Iterable[tuple[str, str]]) -> None:
+        from funnelqa.records import scrub_surrogates
+
         now = time.time()
         self._db.executemany(
             "INSERT OR REPLACE INTO answers (key, model, answer, created) VALUES (?, ?, ?, ?)",
-            [(key, model_id, answer, now) for key, answer in items],
+            # sqlite stores UTF-8: a lone surrogate in an answer (an emoji cut in half) cannot be stored.
+            [(key, model_id, scrub_surrogates(answer), now) for key, answer in items],
         )
 
     def __len__(self) -> int:

@@ -29,6 +29,7 @@ from typing import Any
 from funnelqa import records
 from funnelqa.console import stderr
 from funnelqa.errors import FunnelQAError, UsageError
+from funnelqa.redact import redact
 
 
 @dataclass
@@ -97,7 +98,7 @@ def run_stage(exp: Experiment, name: str, args: list[str], output: Path, inputs:
         stderr.print(f"[dim]{name}: done before, skipped[/]")
         exp.stages.append(StageRun(name, command, 0.0, cached=True))
         return
-    stderr.print(f"[bold]{name}[/]: {shlex.join(command)}")
+    stderr.print(f"[bold]{name}[/]: {redact(shlex.join(command))}")
     started = time.perf_counter()
     result = subprocess.run([sys.executable, "-m", "funnelqa", *args], stdout=subprocess.DEVNULL)
     if result.returncode != 0:
@@ -260,7 +261,7 @@ def write_report(exp: Experiment, scores: Path, plots: Path, labels: dict[str, s
     lines += ["", "## Stages (wall time; 'cached' = done by an earlier run)", "", "| stage | seconds | command |", "|---|---|---|"]
     for stage in exp.stages:
         when = "cached" if stage.cached else f"{stage.seconds:.0f}"
-        lines.append(f"| {stage.name} | {when} | `{shlex.join(stage.command)}` |")
+        lines.append(f"| {stage.name} | {when} | `{redact(shlex.join(stage.command))}` |")
     lines += ["", f"Total wall time of this run: {seconds:.0f} s.", ""]
     if plots.exists():
         lines += [f"![{p.stem}]({os.path.relpath(p, exp.root)})" for p in sorted(plots.glob("*.png"))]

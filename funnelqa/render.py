@@ -25,6 +25,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+from funnelqa.metrics import unicode_tokens
 from funnelqa.prompts import load
 
 PROFILE_FORMS = ("answers", "qa")
@@ -112,8 +113,49 @@ _QUESTION_LABEL = re.compile(
     r"(?:\*\*)?\s*",
     flags=re.I,
 )
-# A sentence ends here, unless the word before the period is an abbreviation ("Dr. Strangelove").
-_SENTENCE_BREAK = re.compile(r"(?<![A-Z][a-z]\.)(?<!\b[A-Z]\.)(?<!\be\.g\.)(?<!\bi\.e\.)(?<=[.!:;])\s+(?=[\"“(]?[A-Z])")
+# Where a sentence may end: after . ! ; or : and a space, before a capital (or a letter of a script
+# without case). Whether it does is up to ``_sentence_breaks``.
+_BREAK_CANDIDATE = re.compile(r"([.!:;])\s+(?=[\"“(]?([^\W\d_]))")
+# "Mrs. Doubtfire", "Alien vs. Predator", "Dr. Strangelove": a period after these ends no sentence.
+_ABBREVIATIONS = frozenset(
+    "mr mrs ms mx dr prof sr jr st mt ft vs v no nos vol vols pt pts ch fig inc ltd co corp dept gen col capt "
+    "sgt lt rev hon pres gov sen rep ave blvd rd approx etc cf al jan feb mar apr jun jul aug sep sept oct nov dec".split()
+)
+# A colon ends a preamble ("Here is my question: ..."), not a title ("Dr. Strangelove or: How I
+# Learned...", "Star Wars: Episode IV"): it breaks only after one of these words.
+_PREAMBLE_WORDS = re.compile(r"\b(?:question|questions|ask|asking|here|here's|wondering|curious|know|next)\b", re.I)
+
+
+def _sentence_breaks(text: str) -> list[str]:
+    pieces, start = [], 0
+    for match in _BREAK_CANDIDATE.finditer(text):
+        mark, following = match.group(1), match.group(2)
+        if following.islower():
+            continue
+        before = text[start : match.start(1)]
+        word = before.split()[-1].lstrip("\"'“(") if before.split() else ""
+        if mark == "." and (word.lower() in _ABBREVIATIONS or len(word) == 1 or "." in word):
+            continue  # an abbreviation or an initial ("J. R. R. Tolkien", "e.g.")
+        if mark == ":" and not _PREAMBLE_WORDS.search(before):
+            continue
+        pieces.append(text[start : match.end(1)])
+        start = match.end()
+    pieces.append(text[start:])
+    return pieces
+
+
+_QUESTION_MARKS = "?？؟"
+# A reasoning model's thoughts come before its answer; a draft in them is not the answer.
+_REASONING_BLOCK = re.compile(r"<(think|thinking|reasoning|thought)>.*?</\1>", re.S | re.I)
+_REASONING_END = re.compile(r"</(?:think|thinking|reasoning|thought)>", re.I)
+
+
+def strip_reasoning(text: str) -> str:
+    """``text`` without ``<think>...</think>`` blocks; a block whose start the chat template wrote
+    (only ``</think>`` in the output) ends at its closing tag."""
+    text = _REASONING_BLOCK.sub("", text)
+    closings = list(_REASONING_END.finditer(text))
+    return text[closings[-1].end() :] if closings else text
 
 
 def _clean_question(line: str) -> str:
@@ -123,8 +165,8 @@ def _clean_question(line: str) -> str:
 
 def _first_question(line: str) -> str:
     """The sentence that ends with the first '?' in ``line``: drops "Great, thanks! " before it and chatter after."""
-    asked = line[: line.index("?") + 1]
-    return _clean_question(_SENTENCE_BREAK.split(asked)[-1])
+    asked = line[: min(line.index(mark) for mark in _QUESTION_MARKS if mark in line) + 1]
+    return _clean_question(_sentence_breaks(asked)[-1])
 
 
 def parse_question(text: str) -> str:
@@ -133,7 +175,7 @@ def parse_question(text: str) -> str:
     Prefers the first sentence ending in '?' (an untrained model often says "Sure! Here is my
     question: ..." or goes on to answer it itself); otherwise the first non-empty line.
     """
-    text = text.strip()
+    text = strip_reasoning(text).strip()
     if text.startswith("{") or "```" in text:
         try:
             data = extract_json(text)
@@ -145,14 +187,17 @@ def parse_question(text: str) -> str:
                     return _clean_question(value)
     lines = [cleaned for line in text.splitlines() if (cleaned := _clean_question(line))]
     for line in lines:
-        if "?" in line:
+        if any(mark in line for mark in _QUESTION_MARKS):
             return _first_question(line)
     return lines[0] if lines else ""
 
 
 def extract_json(text: str) -> Any:
-    """The first JSON value in ``text``: tolerates code fences and chatter around it."""
-    text = text.strip()
+    """The first JSON value in ``text``: tolerates code fences, chatter and reasoning blocks around it.
+
+    Raises ValueError when there is none.
+    """
+    text = strip_reasoning(text).strip()
     fenced = re.search(r"```(?:json)?\s*(.*?)```", text, flags=re.S)
     # A fence that holds no JSON (prose, or code) must not hide JSON written outside it.
     candidates = [fenced.group(1).strip(), text] if fenced else [text]
@@ -169,7 +214,8 @@ def extract_json(text: str) -> Any:
 
 
 def _normalise(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", " ", name.lower()).strip()
+    # Letters of every script count ("ジャンル" must not normalise to ""); case and punctuation do not.
+    return " ".join(unicode_tokens(name))
 
 
 def _singular(normalised: str) -> str:
@@ -188,7 +234,9 @@ def match_tags(names: Sequence[Any], profile_tags: Sequence[dict[str, str]]) -> 
         by_singular.setdefault(_singular(_normalise(t["tag"])), []).append(t["tag"])
     matched: list[str] = []
     for name in names:
-        text = str(name)
+        if not isinstance(name, str):
+            continue  # null, a list or an object is no tag name; str() would make "None" one
+        text = name
         real = by_norm.get(_normalise(text))
         if real is None and ":" in text:
             real = by_norm.get(_normalise(text.split(":", 1)[0]))
@@ -230,7 +278,11 @@ def _from_json(text: str) -> tuple[str, list[Any]] | None:
     tags = next((fields[k] for k in _TAG_KEYS if k in fields), None)
     if answer is None and tags is None:
         return None
-    return ("" if answer is None else str(answer)), _tag_names(tags)
+    if isinstance(answer, (int, float)) and not isinstance(answer, bool):
+        answer = str(answer)  # "How many films a week?" may fairly get 3
+    elif not isinstance(answer, str):
+        answer = ""  # null, a list or an object answers nothing: never the string "['Drama', 'Comedy']"
+    return answer, _tag_names(tags)
 
 
 _JSON_STRING = r'"((?:[^"\\]|\\.)*)'
@@ -278,7 +330,7 @@ _STOPWORDS = frozenset(
 
 
 def _word_set(text: str) -> set[str]:
-    return {w[:-1] if len(w) > 3 and w.endswith("s") and not w.endswith("ss") else w for w in re.findall(r"[a-z0-9]+", text.lower())}
+    return {w[:-1] if len(w) > 3 and w.endswith("s") and not w.endswith("ss") else w for w in unicode_tokens(text)}
 
 
 def infer_tags(answer: str, profile_tags: Sequence[dict[str, str]]) -> list[str]:
@@ -311,6 +363,7 @@ def parse_simulator(text: str, profile_tags: Sequence[dict[str, str]]) -> tuple[
     reveal what the user does not have. An answer that names no profile tag (plain prose, or JSON
     with no usable tags) reveals the tags whose content it repeats (``infer_tags``); prose that
     reveals none counts as no answer."""
+    text = strip_reasoning(text)
     fields = _from_json(text) or _from_truncated_json(text) or _from_labels(text)
     prose = fields is None
     answer, names = (text, []) if prose else fields

@@ -106,6 +106,9 @@ def score_sessions(sessions: Sequence[Record], *, seed: int = 0, cache: metrics.
     horizon = max(max(session.get("max_questions") or 0, len(session["turns"])) for session in sessions)
 
     summary: dict = text_scores(finals, targets, seed=seed, cache=cache, interval=True)
+    # Which tokenizer scored ROUGE: "default" numbers equal evaluate's, "unicode" ones do not.
+    summary["rouge_tokenizer"] = "+".join(sorted({cache.tokenizer_for(profile_text(e), profile_text(t))
+                                                   for e, t in zip(finals, targets)}))
     summary["unanswered_rate"] = sum(not turn["answered"] for turn in turns) / len(turns) if turns else None
     summary["questions_asked"] = metrics.mean(len(session["turns"]) for session in sessions)
     summary["complete_rate"] = metrics.mean(float(tag_recall(e, t) == 1.0) for e, t in zip(finals, targets))
@@ -205,14 +208,20 @@ def print_table(results: Sequence[dict]) -> None:
 
 
 def score_files(
-    paths: Sequence[str], *, plots_dir: Path | None = None, out: Path | None = None, seed: int = 0
+    paths: Sequence[str], *, plots_dir: Path | None = None, out: Path | None = None, seed: int = 0,
+    rouge_tokenizer: str = "auto",
 ) -> list[dict]:
-    """`funnelqa score`: one result per session file, a table on stderr, JSONL on stdout or ``out``."""
+    """`funnelqa score`: one result per session file, a table on stderr, JSONL on stdout or ``out``.
+
+    ``rouge_tokenizer``: see ``metrics.RougeCache``; each result names the one that scored it.
+    """
     if not paths:
         raise UsageError("give at least one session file")
     if sum(str(path) == "-" for path in paths) > 1:
         raise UsageError("stdin ('-') can be given once")
-    cache = metrics.RougeCache()
+    if rouge_tokenizer not in metrics.ROUGE_TOKENIZERS:
+        raise UsageError(f"unknown ROUGE tokenizer {rouge_tokenizer!r}; use one of {', '.join(metrics.ROUGE_TOKENIZERS)}")
+    cache = metrics.RougeCache(tokenizer=rouge_tokenizer)
     results = [score_file(path, seed=seed, cache=cache) for path in paths]
     _unique_names(results)
     print_table(results)

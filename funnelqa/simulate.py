@@ -21,6 +21,7 @@ from funnelqa.backends import Backend, BackendOptions, Request, open_backend
 from funnelqa.errors import UsageError
 from funnelqa.questioners import ORACLE_SHUFFLED, Questioner, default_profile_form, open_questioner
 from funnelqa.records import Record, RecordWriter, check_questions, read_records
+from funnelqa.redact import redact
 
 # A simulator answer is one or two sentences plus tag names: under 300 characters (about 70
 # tokens) of JSON in the MovieLens data. Twice that keeps a verbose model's JSON whole, while a
@@ -247,6 +248,8 @@ def simulate_file(
             meta["no_repeat"] = True
         if questioner == ORACLE_SHUFFLED:
             meta["seed"] = seed
+        # Sessions keep the specs: a key written into a base URL must not go with them.
+        meta.update(questioner=redact(questioner), simulator=redact(simulator))
         totals = {"asked": 0, "answered": 0}
 
         def report(turn: TurnReport) -> None:

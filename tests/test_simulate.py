@@ -8,7 +8,7 @@ from funnelqa.backends import Request
 from funnelqa.backends.fake import FakeBackend
 from funnelqa.errors import UsageError
 from funnelqa.questioners import LLMQuestioner, OracleQuestioner, default_profile_form
-from funnelqa.records import load_records, check_questions
+from funnelqa.records import RecordWriter, load_records, check_questions
 from funnelqa.score import tag_recall
 from funnelqa.simulate import UserSimulator, run_interviews, simulate_file
 from tests.conftest import run_cli
@@ -210,8 +210,12 @@ def test_resume_skips_users_an_interrupted_run_finished(tmp_path):
     # A run killed after the first session: its partial file holds ann (marked, to prove it is kept
     # rather than redone) and half a line of bob.
     out.unlink()
-    kept = {**complete[0], "marker": "from the first run"}
-    (tmp_path / "sessions.jsonl.partial").write_text(json.dumps(kept) + "\n" + json.dumps(complete[1])[:40])
+    killed = RecordWriter(out)
+    assert not killed.is_done(load_records(forward)[0])
+    killed.write({**complete[0], "marker": "from the first run"})
+    killed.abandon()
+    with open(tmp_path / "sessions.jsonl.partial", "a") as handle:
+        handle.write(json.dumps(complete[1])[:40])
     assert simulate_file(forward, **kwargs) == 2
     resumed = load_records(out)
     assert [s["id"] for s in resumed] == ["ann", "bob", "cid"]

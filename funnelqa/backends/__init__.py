@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from funnelqa.errors import UsageError
+from funnelqa.errors import BackendError, UsageError
 
 REGISTRY: dict[str, str] = {
     "gemini": "funnelqa.backends.gemini:GeminiBackend",
@@ -44,6 +44,44 @@ class Request:
         data = asdict(self)
         data["messages"] = [dict(m) for m in self.messages]
         return data
+
+
+class Answer(str):
+    """A model's reply text, plus how the reply ended when that was not a plain, complete stop.
+
+    A plain ``str`` from a backend means a complete answer. ``finish`` is one of:
+    "stop" (complete), "length" (cut at the token budget), "blocked" (a safety filter refused the
+    prompt or the answer), "empty" (no text, no stated reason) and "failed" (no answer at all:
+    the calls failed for good after their retries). ``detail`` names the cause in the API's own
+    terms, e.g. "finishReason MAX_TOKENS at maxOutputTokens=32".
+    """
+
+    finish: str
+    detail: str
+
+    def __new__(cls, text: str = "", finish: str = "stop", detail: str = "") -> Answer:
+        answer = super().__new__(cls, text)
+        answer.finish = finish
+        answer.detail = detail
+        return answer
+
+
+def raise_failures(answers: list[str]) -> list[str]:
+    """``answers`` unchanged, or BackendError naming the first that failed for good (``generate``'s contract)."""
+    failed = [a for a in answers if getattr(a, "finish", "stop") == "failed"]
+    if failed:
+        more = f" (and {len(failed) - 1} more of {len(answers)} requests)" if len(failed) > 1 else ""
+        raise BackendError(f"{failed[0].detail}{more}")
+    return answers
+
+
+def answer_status(answer: str) -> tuple[str, str]:
+    """(finish, detail) of any backend's answer; blank text that claims a stop counts as "empty"."""
+    finish = getattr(answer, "finish", "stop")
+    detail = getattr(answer, "detail", "")
+    if finish == "stop" and not answer.strip():
+        return "empty", detail or "the model answered with no text"
+    return finish, detail
 
 
 @dataclass
@@ -95,7 +133,10 @@ def load_backend(spec: str, options: BackendOptions | None = None) -> Backend:
     module_name, _, class_name = REGISTRY[name].partition(":")
     cls = getattr(importlib.import_module(module_name), class_name)
     backend = cls.from_spec(arg, options or BackendOptions())
-    backend.spec = spec
+    from funnelqa.redact import redact
+
+    # The spec is shown, stored in sessions and keys the cache: a key written into its URL must not be.
+    backend.spec = redact(spec)
     return backend
 
 

@@ -15,7 +15,7 @@ import os
 from collections.abc import Sequence
 
 from funnelqa import models
-from funnelqa.backends import Backend, BackendOptions, Request
+from funnelqa.backends import Answer, Backend, BackendOptions, Request
 from funnelqa.backends.prefix_cache import PrefixCache
 from funnelqa.chat_template import TemplateError, encode_chat
 from funnelqa.errors import BackendError
@@ -81,6 +81,7 @@ class HFBackend(Backend):
         # Similar lengths in one batch waste less compute on padding.
         order = sorted(range(len(requests)), key=lambda i: len(encoded[i]))
         answers = [""] * len(requests)
+        order = self._within_context(order, encoded, answers)
         with torch.inference_mode():
             for start in range(0, len(order), self.batch_size):
                 chunk = order[start : start + self.batch_size]
@@ -88,6 +89,36 @@ class HFBackend(Backend):
                 for i, text in zip(chunk, texts):
                     answers[i] = text
         return answers
+
+    def context_length(self) -> int | None:
+        """Positions the model was built for (its config's ``max_position_embeddings``), or None."""
+        config = self.model.config
+        config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+            value = getattr(config, name, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return None
+
+    def _within_context(self, order: list[int], encoded: list[list[int]], answers: list[str]) -> list[int]:
+        """``order`` without the prompts beyond the context, whose ``answers`` become failed Answers."""
+        kept = []
+        for i in order:
+            failed = self.over_context(len(encoded[i]))
+            if failed is None:
+                kept.append(i)
+            else:
+                answers[i] = failed
+        return kept
+
+    def over_context(self, prompt_tokens: int) -> Answer | None:
+        """A failed Answer when a prompt leaves no room to answer within the context: beyond it
+        the model reads positions it never learned and writes garbage, so it is not asked."""
+        limit = self.context_length()
+        if limit is None or prompt_tokens < limit:
+            return None
+        return Answer("", finish="failed", detail=f"the prompt is {prompt_tokens} tokens, more than the model's "
+                                                  f"context of {limit} tokens ({self.spec}); shorten the input")
 
     def _generate_batch(self, token_ids: list[list[int]], requests: list[Request]) -> list[str]:
         """Greedy (or per-request sampled) decoding of one batch, with our own loop rather than
