@@ -49,8 +49,7 @@ class PlainGenerate(Backend):
         import torch
 
         inner = self.inner
-        prompts = [inner.render(r) for r in requests]
-        batch = inner.tokenizer(prompts, add_special_tokens=False, padding=True, return_tensors="pt").to(inner.device)
+        batch = inner.tokenizer.pad({"input_ids": [inner.encode(r) for r in requests]}, return_tensors="pt").to(inner.device)
         with torch.inference_mode():
             output = inner.model.generate(
                 **batch,

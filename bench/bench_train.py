@@ -1,14 +1,19 @@
-"""Training throughput: funnelqa's trainer against a plain transformers + peft loop, same data, same run.
+"""Training speed: layouts, precisions and a plain transformers + peft loop, same data, same run.
 
-The plain loop is what one writes first: random batches padded on the right to the longest
-example, the model's own loss (logits for every position), fp32 on a CPU. funnelqa's trainer
-groups examples of similar length and computes logits only where a target token is predicted.
-Both train the same LoRA on the same examples for the same number of steps and batch size;
-throughput counts real (non-padding) tokens per second of training steps. On a GPU both run in
-bf16, so the ratio measures the trainer's batching and loss, not the precision.
+Each variant runs in its own process (so its peak resident memory is its own) on the same
+examples, for the same number of steps of the same batch size:
+- ``plain``: what one writes first: one sequence per step example, random batches padded on the
+  right, the model's own loss (logits for every position), fp32;
+- ``steps``: funnelqa's trainer on one sequence per corrupt example (length-grouped batches,
+  logits only where a target is predicted);
+- ``conversation``: funnelqa's trainer on one chat per user (loss on every assistant turn), in fp32
+  and in bf16 autocast (on CPUs with bf16 arithmetic).
+Reported per variant: tokens per epoch (counted, exact), tokens per second over the timed steps,
+seconds per epoch (tokens per epoch / tokens per second: an extrapolation, stated as such), peak
+RSS, and the ratios of each to ``steps`` fp32. Target tokens per epoch are the same in every layout.
 
-    python bench/bench_train.py                       # embedded SmolLM2 on this machine
-    python bench/bench_train.py --steps 40 --role simulator --base hf:/path/to/model
+    python bench/bench_train.py                       # embedded SmolLM2, questioner, on this machine
+    python bench/bench_train.py --role simulator --steps 12
 
 Prints one JSON line on stdout; a summary goes to stderr.
 """
@@ -34,13 +39,17 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--base", default="local", help="model spec to train (default: the embedded SmolLM2)")
     parser.add_argument("--role", default="questioner", choices=["questioner", "simulator"])
     parser.add_argument("--forward", type=Path, default=SHARED_FORWARD, help="forward records to corrupt into examples")
-    parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--steps", type=int, default=12)
     parser.add_argument(
         "--batch-size", type=int, default=None,
         help="examples per step (default: 4 on a CPU, where the plain loop's full logits take ~10 GB at 4, else 16)",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-length", type=int, default=2048)
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
+    parser.add_argument("--variant", help=argparse.SUPPRESS)  # internal: run one variant in this process
+    parser.add_argument("--examples", type=Path, help=argparse.SUPPRESS)
     return parser.parse_args()
 
 
@@ -78,7 +87,7 @@ def plain_loop(args, examples: Path, precision: str, lora_options: dict) -> dict
     from peft import LoraConfig, get_peft_model
 
     from funnelqa.models import load_causal_lm
-    from funnelqa.training.examples import IGNORE_INDEX, encode_examples, read_examples
+    from funnelqa.training.examples import IGNORE_INDEX, encode_steps, read_examples
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
@@ -87,7 +96,7 @@ def plain_loop(args, examples: Path, precision: str, lora_options: dict) -> dict
     model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **lora_options))
     model.train()
     data = read_examples(examples, args.role)
-    encoded, _ = encode_examples(tokenizer, data.examples, args.role, "qa", 1024)
+    encoded, _ = encode_steps(tokenizer, data.examples, args.role, "qa", 1024)
     order = list(range(len(encoded)))
     random.Random(args.seed).shuffle(order)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -115,53 +124,119 @@ def plain_loop(args, examples: Path, precision: str, lora_options: dict) -> dict
             torch.cuda.synchronize()
         seconds += time.perf_counter() - tick
         tokens += int(mask.sum())
-    return {"tokens_per_second": round(tokens / seconds, 1), "train_tokens": tokens, "train_seconds": round(seconds, 2)}
+    tokens_per_epoch = sum(len(e) for e in encoded)
+    return {"tokens_per_second": round(tokens / seconds, 1), "train_tokens": tokens, "train_seconds": round(seconds, 2),
+            "tokens_per_epoch": tokens_per_epoch, "target_tokens_per_epoch": sum(e.target_length for e in encoded)}
+
+
+def ours(args, examples: Path, layout: str, precision: str, out: Path) -> dict:
+    """funnelqa's trainer; eval split off so every user trains, as the epoch count assumes."""
+    from funnelqa.training import TrainConfig, train
+
+    config = TrainConfig(
+        role=args.role, out=out, base=args.base, batch_size=args.batch_size, max_steps=args.steps,
+        eval_fraction=0.0, save_every=0, lr=1e-3, seed=args.seed, lora_r=16, lora_alpha=32, lora_dropout=0.05,
+        layout=layout, precision=precision, max_length=args.max_length,
+    )
+    card = train(config, examples, show_progress=False)
+    return {
+        "tokens_per_second": card["tokens_per_second"], "train_tokens": card["train_tokens"],
+        "train_seconds": card["train_seconds"], "tokens_per_epoch": card["examples"]["tokens_per_epoch"],
+        "target_tokens_per_epoch": card["examples"]["target_tokens"], "loss_first": card["train_loss_first"],
+        "loss_final": card["train_loss_final"],
+    }
+
+
+VARIANTS = {
+    "plain": ("steps", "fp32"),
+    "steps": ("steps", "fp32"),
+    "conversation": ("conversation", "fp32"),
+    "conversation-bf16": ("conversation", "bf16"),
+}
+
+
+def run_variant(args, name: str, examples: Path, scratch: Path) -> dict:
+    """One variant, in this process: its numbers plus this process's peak RSS."""
+    import resource
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    layout, precision = VARIANTS[name]
+    if torch.cuda.is_available():
+        precision = "bf16"  # on a GPU every variant runs in bf16: the ratios then measure layout and batching
+    lora_options = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear"}
+    if name == "plain":
+        result = plain_loop(args, examples, precision, lora_options)
+    else:
+        result = ours(args, examples, layout, precision, scratch / name)
+    result["seconds_per_epoch"] = round(result["tokens_per_epoch"] / result["tokens_per_second"], 1)
+    result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    result["precision"] = precision
+    if torch.cuda.is_available():
+        result["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20)
+    return result
 
 
 def main() -> None:
     args = parse_args()
+    import subprocess
+
     import torch
 
     from funnelqa.console import stderr
-    from funnelqa.training import TrainConfig, train
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if args.batch_size is None:
         args.batch_size = 16 if torch.cuda.is_available() else 4
-    precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
-    lora_options = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear"}
+    if args.variant:  # a child: one variant, one JSON line
+        print(json.dumps(run_variant(args, args.variant, args.examples, args.examples.parent)), flush=True)
+        return
     with tempfile.TemporaryDirectory(prefix="funnelqa-bench-train-") as scratch:
         scratch = Path(scratch)
         examples = scratch / "examples.jsonl"
         origin = write_examples(examples, args.forward, args.seed)
         stderr.print(f"bench_train: {args.role} examples from {origin}; {args.steps} steps of {args.batch_size} on {args.base}")
-        plain = plain_loop(args, examples, precision, lora_options)
-        config = TrainConfig(
-            role=args.role, out=scratch / "ours", base=args.base, batch_size=args.batch_size, max_steps=args.steps,
-            eval_fraction=0.0, save_every=0, lr=1e-3, seed=args.seed, lora_r=16, lora_alpha=32, lora_dropout=0.05,
-        )
-        card = train(config, examples, show_progress=False)
+        results = {}
+        for name in args.variants.split(","):
+            child = [sys.executable, __file__, "--variant", name, "--examples", str(examples), "--role", args.role,
+                     "--base", args.base, "--steps", str(args.steps), "--batch-size", str(args.batch_size),
+                     "--seed", str(args.seed), "--max-length", str(args.max_length)]
+            if args.threads:
+                child += ["--threads", str(args.threads)]
+            done = subprocess.run(child, stdout=subprocess.PIPE, text=True, check=True)
+            results[name] = json.loads(done.stdout.strip().splitlines()[-1])
+            r = results[name]
+            stderr.print(
+                f"  {name:18s} {r['tokens_per_epoch']:>9,} tokens/epoch  {r['tokens_per_second']:>7,.0f} tok/s  "
+                f"{r['seconds_per_epoch']:>8,.0f} s/epoch  peak {r['peak_rss_mb']:>6,} MB RSS"
+            )
+    reference = results.get("steps")
+    if reference:
+        for r in results.values():
+            r["vs_steps"] = {
+                "tokens_per_epoch": round(r["tokens_per_epoch"] / reference["tokens_per_epoch"], 3),
+                "tokens_per_second": round(r["tokens_per_second"] / reference["tokens_per_second"], 2),
+                "seconds_per_epoch": round(r["seconds_per_epoch"] / reference["seconds_per_epoch"], 3),
+                "peak_rss": round(r["peak_rss_mb"] / reference["peak_rss_mb"], 2),
+            }
+        if "plain" in results:
+            stderr.print(f"  steps vs plain transformers+peft: {reference['tokens_per_second'] / results['plain']['tokens_per_second']:.2f}x tokens/s")
+        if "conversation" in results:
+            c = results["conversation"]["vs_steps"]
+            stderr.print(f"  conversation vs steps: {1 / c['seconds_per_epoch']:.1f}x less time per epoch "
+                         f"({1 / c['tokens_per_epoch']:.1f}x fewer tokens), {c['peak_rss']:.2f}x peak memory")
     result = {
         "bench": "train",
         "device": "cuda" if torch.cuda.is_available() else "cpu",
-        "threads": torch.get_num_threads(),
-        "precision": precision,
+        "threads": args.threads or torch.get_num_threads(),
         "base": args.base,
         "role": args.role,
         "data": origin,
         "steps": args.steps,
         "batch_size": args.batch_size,
-        "funnelqa_tokens_per_second": card["tokens_per_second"],
-        "plain_tokens_per_second": plain["tokens_per_second"],
-        "speedup": round(card["tokens_per_second"] / plain["tokens_per_second"], 2),
-        "funnelqa_train_seconds": card["train_seconds"],
-        "plain_train_seconds": plain["train_seconds"],
+        "variants": results,
     }
-    stderr.print(
-        f"tokens/s: funnelqa {result['funnelqa_tokens_per_second']:,.0f}, plain transformers+peft "
-        f"{result['plain_tokens_per_second']:,.0f} -> {result['speedup']}x"
-    )
     print(json.dumps(result), flush=True)
 
 

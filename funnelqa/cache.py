@@ -28,7 +28,7 @@ def default_cache_dir() -> Path:
 
 def cache_key(model_id: str, payload: dict) -> str:
     blob = json.dumps({"model": model_id, "request": payload}, sort_keys=True, ensure_ascii=False)
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+    return hashlib.sha256(blob.encode("utf-8", "surrogatepass")).hexdigest()  # a lone surrogate must not crash a key
 
 
 class LLMCache:
@@ -86,6 +86,7 @@ class LLMCache:
     def put_many(self, model_id: str, items: Iterable[tuple[str, str]]) -> None:
         """Store answers; a backend ``Answer`` that did not finish normally keeps its finish as status."""
         from funnelqa.backends import answer_status
+        from funnelqa.records import scrub_surrogates
 
         now = time.time()
         rows = []
@@ -93,7 +94,8 @@ class LLMCache:
             finish, _ = answer_status(answer)
             if finish == "failed":
                 continue  # no answer came: nothing to store
-            rows.append((key, model_id, str(answer), now, "ok" if finish == "stop" else finish))
+            # sqlite stores UTF-8: a lone surrogate in an answer (an emoji cut in half) cannot be stored.
+            rows.append((key, model_id, scrub_surrogates(str(answer)), now, "ok" if finish == "stop" else finish))
         self._db.executemany(
             "INSERT OR REPLACE INTO answers (key, model, answer, created, status) VALUES (?, ?, ?, ?, ?)", rows
         )

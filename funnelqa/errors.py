@@ -38,3 +38,9 @@ class BackendError(FunnelQAError):
     """A backend started but a call failed for good (after its retries)."""
 
     exit_code = 4
+
+
+class OutputInUse(FunnelQAError):
+    """Another process is writing the same ``--out`` file."""
+
+    exit_code = 5

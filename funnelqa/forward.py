@@ -71,6 +71,11 @@ def _fill(template: str, **values: str) -> str:
     return template
 
 
+def _text(value: Any) -> bool:
+    """Whether ``value`` is a non-empty string, the only type a tag, content, question or answer may have."""
+    return isinstance(value, str) and bool(value.strip())
+
+
 def _field(data: Any, key: str) -> Any:
     if isinstance(data, dict) and key in data:
         return data[key]
@@ -94,7 +99,8 @@ def accept_structure(record: Record, text: str) -> Record:
         raise InvalidOutput("'tags' must be a non-empty list")
     tags: list[dict[str, str]] = []
     for item in raw:
-        if not isinstance(item, dict) or not str(item.get("tag", "")).strip() or not str(item.get("content", "")).strip():
+        # str() of null or a list would write the tag "None" or the content "['Drama', 'Comedy']".
+        if not isinstance(item, dict) or not _text(item.get("tag")) or not _text(item.get("content")):
             raise InvalidOutput(f"every tag needs a non-empty 'tag' and 'content', got {item!r:.120}")
         name = str(item["tag"]).strip()
         if any(t["tag"].lower() == name.lower() for t in tags):
@@ -112,8 +118,8 @@ def rank_request(record: Record, max_tokens: int) -> Request:
 
 def accept_rank(record: Record, text: str) -> Record:
     ranking = _field(extract_json(text), "ranking")
-    if not isinstance(ranking, list):
-        raise InvalidOutput("'ranking' must be a list of tag names")
+    if not isinstance(ranking, list) or not all(_text(name) for name in ranking):
+        raise InvalidOutput("'ranking' must be a list of tag names (strings)")
     names = [t["tag"] for t in record["tags"]]
     order = match_tags(ranking, record["tags"])
     unknown = [str(n) for n in ranking if not match_tags([n], record["tags"])]
@@ -142,11 +148,13 @@ def accept_questions(record: Record, text: str) -> Record:
     for i, item in enumerate(raw):
         if not isinstance(item, dict):
             raise InvalidOutput(f"questions[{i}] must be an object")
-        question, answer = str(item.get("question", "")).strip(), str(item.get("answer", "")).strip()
-        if not question or not answer:
-            raise InvalidOutput(f"questions[{i}] needs a non-empty 'question' and 'answer'")
+        if not _text(item.get("question")) or not _text(item.get("answer")):
+            raise InvalidOutput(f"questions[{i}] needs a non-empty 'question' and 'answer', both strings")
+        question, answer = item["question"].strip(), item["answer"].strip()
         named = item.get("tags")
         named = named if isinstance(named, list) else [named] if named else []
+        if not all(_text(name) for name in named):
+            raise InvalidOutput(f"questions[{i}].tags must be a list of tag names (strings)")
         revealed = match_tags(named, record["tags"])
         unknown = [str(n) for n in named if not match_tags([n], record["tags"])]
         if unknown:

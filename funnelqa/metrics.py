@@ -8,6 +8,10 @@ so the two are reproduced here from the libraries they wrap:
   median of 1000 bootstrap means of the per-pair F1). evaluate leaves numpy's global RNG
   unseeded; here it is seeded (and restored afterwards), so a score is reproducible and equals
   ``np.random.seed(seed); evaluate.load("rouge").compute(...)``.
+  rouge_score keeps only the letters a-z and digits, so text in another script scores 0 against
+  itself; ``RougeCache(tokenizer="unicode")`` keeps the letters of every script, and "auto" (the
+  default) uses it just for the pairs that hold letters outside the Latin script, so Latin-text
+  numbers stay equal to evaluate's.
 - BLEU: evaluate's ``bleu`` is tensorflow/nmt ``compute_bleu`` (corpus level, max order 4,
   no smoothing) over sacrebleu's 13a tokenizer, ported below line for line.
 """
@@ -17,9 +21,42 @@ from __future__ import annotations
 import collections
 import functools
 import math
+import unicodedata
 from collections.abc import Iterable, Sequence
 
+import regex
+
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
+ROUGE_TOKENIZERS = ("auto", "default", "unicode")
+
+# Letters (with their combining marks, as in Devanagari) and digits of any script.
+_WORD = regex.compile(r"[\p{L}\p{M}\p{N}]+")
+# Scripts written without spaces between words: each character is a token.
+_UNSPACED = regex.compile(r"[\p{Han}\p{Hiragana}\p{Katakana}\p{Thai}\p{Lao}\p{Khmer}\p{Myanmar}]")
+_NON_LATIN_LETTER = regex.compile(r"(?=\p{L})[^\p{Latin}]")
+
+
+def unicode_tokens(text: str) -> list[str]:
+    """Case-folded words of any script (NFKC); scripts without word spaces give one token per character."""
+    tokens: list[str] = []
+    for word in _WORD.findall(unicodedata.normalize("NFKC", text).casefold()):
+        if _UNSPACED.search(word):
+            tokens.extend(part for part in regex.split(r"(\p{Han}|\p{Hiragana}|\p{Katakana}|\p{Thai}|\p{Lao}|\p{Khmer}|\p{Myanmar})", word) if part)
+        else:
+            tokens.append(word)
+    return tokens
+
+
+def needs_unicode(text: str) -> bool:
+    """Whether ``text`` has letters outside the Latin script, which rouge_score's tokenizer drops."""
+    return _NON_LATIN_LETTER.search(text) is not None
+
+
+class UnicodeTokenizer:
+    """rouge_score tokenizer interface over ``unicode_tokens`` (no stemming)."""
+
+    def tokenize(self, text: str) -> list[str]:
+        return unicode_tokens(text)
 
 
 # ---- BLEU ----
@@ -118,23 +155,38 @@ class RougeCache:
     """Per-pair ROUGE scores as rouge_score's RougeScorer(use_stemmer=False) gives them, each pair once.
 
     ROUGE-N comes from rouge_score itself; ROUGE-L uses rouge_score's tokens and formula with a
-    faster LCS (tests check both against RougeScorer).
+    faster LCS (tests check both against RougeScorer). ``tokenizer``: "default" (rouge_score's,
+    as evaluate), "unicode" (letters of every script), or "auto": "unicode" for a pair whose texts
+    hold non-Latin letters, else "default". ``used`` collects the tokenizers that scored.
+    Raises ValueError for an unknown tokenizer.
     """
 
-    def __init__(self, rouge_types: Sequence[str] = ROUGE_TYPES):
+    def __init__(self, rouge_types: Sequence[str] = ROUGE_TYPES, tokenizer: str = "auto"):
         from rouge_score import rouge_scorer, tokenizers
 
+        if tokenizer not in ROUGE_TOKENIZERS:
+            raise ValueError(f"unknown ROUGE tokenizer {tokenizer!r}; use one of {', '.join(ROUGE_TOKENIZERS)}")
         self.rouge_types = tuple(rouge_types)
-        self._tokenizer = tokenizers.DefaultTokenizer(use_stemmer=False)
+        self.tokenizer = tokenizer
+        self.used: set[str] = set()
+        self._tokenizers = {"default": tokenizers.DefaultTokenizer(use_stemmer=False), "unicode": UnicodeTokenizer()}
         ngram_types = [t for t in rouge_types if t != "rougeL"]
-        self._scorer = rouge_scorer.RougeScorer(ngram_types, use_stemmer=False) if ngram_types else None
+        self._scorers = {
+            name: rouge_scorer.RougeScorer(ngram_types, use_stemmer=False, tokenizer=self._tokenizers[name]) if ngram_types else None
+            for name in self._tokenizers
+        }
         self._scores: dict[tuple[str, str], dict] = {}
 
-    def _rouge_l(self, prediction: str, reference: str):
+    def tokenizer_for(self, prediction: str, reference: str) -> str:
+        if self.tokenizer != "auto":
+            return self.tokenizer
+        return "unicode" if needs_unicode(reference) or needs_unicode(prediction) else "default"
+
+    def _rouge_l(self, prediction: str, reference: str, tokenizer):
         from rouge_score import scoring
 
-        predicted = self._tokenizer.tokenize(prediction)
-        target = self._tokenizer.tokenize(reference)
+        predicted = tokenizer.tokenize(prediction)
+        target = tokenizer.tokenize(reference)
         if not predicted or not target:
             return scoring.Score(precision=0, recall=0, fmeasure=0)
         common = lcs_length(target, predicted)
@@ -144,9 +196,12 @@ class RougeCache:
     def score(self, prediction: str, reference: str) -> dict:
         key = (prediction, reference)
         if key not in self._scores:
-            scores = dict(self._scorer.score(reference, prediction)) if self._scorer else {}
+            name = self.tokenizer_for(prediction, reference)
+            self.used.add(name)
+            scorer = self._scorers[name]
+            scores = dict(scorer.score(reference, prediction)) if scorer else {}
             if "rougeL" in self.rouge_types:
-                scores["rougeL"] = self._rouge_l(prediction, reference)
+                scores["rougeL"] = self._rouge_l(prediction, reference, self._tokenizers[name])
             self._scores[key] = {rouge_type: scores[rouge_type] for rouge_type in self.rouge_types}
         return self._scores[key]
 

@@ -105,3 +105,21 @@ def write_plots(results: Sequence[dict], directory: Path) -> list[Path]:
         if result["weighted_rank"]:
             written.append(plot_weighted_rank(result, directory / f"weighted_rank_{slug(result['system'])}.png"))
     return written
+
+
+def plot_eval_loss(cards: dict[str, dict], path: Path) -> Path:
+    """Eval loss against optimizer step for each training run (``cards``: label -> run card)."""
+    plt = _pyplot()
+    fig, axis = plt.subplots(figsize=(6, 4), constrained_layout=True)
+    for label, card in cards.items():
+        points = [(step, loss) for step, loss in card.get("eval_history", []) if loss is not None]
+        if points:
+            axis.plot(*zip(*points), marker="o", markersize=3, label=f"{label} ({card.get('layout', 'steps')})")
+    axis.set_xlabel("optimizer step")
+    axis.set_ylabel("eval loss (mean per target token)")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize="small")
+    fig.suptitle("Held-out loss during training")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from funnelqa import render
 from funnelqa.backends import Backend, Request
 from funnelqa.errors import UsageError
+from funnelqa.repeats import is_repeat
 
 if TYPE_CHECKING:
     from funnelqa.simulate import Interview
@@ -30,6 +31,10 @@ REFERENCE_QUESTIONERS = (ORACLE, ORACLE_SHUFFLED)
 # Funnel questions are one short sentence (under 90 characters in the MovieLens data); the
 # headroom lets an untrained model clear its throat before the question without being cut off.
 QUESTION_MAX_TOKENS = 64
+# The --no-repeat guard: how many seeded samples to try instead of a repeated question, and how
+# freely to sample them (1.0: the model's own distribution, so a candidate is still its question).
+NO_REPEAT_CANDIDATES = 4
+NO_REPEAT_TEMPERATURE = 1.0
 
 
 class Questioner(ABC):
@@ -41,25 +46,56 @@ class Questioner(ABC):
 
 
 class LLMQuestioner(Questioner):
-    """Any backend as the questioner, prompted through the shared renderer (training == inference)."""
+    """Any backend as the questioner, prompted through the shared renderer (training == inference).
 
-    def __init__(self, backend: Backend, profile_form: str, max_tokens: int = QUESTION_MAX_TOKENS):
+    With ``no_repeat`` (the ``--no-repeat`` guard), a question that repeats one asked earlier in
+    the same interview (``funnelqa.repeats``) is replaced by the first of ``NO_REPEAT_CANDIDATES``
+    seeded samples that does not; when every sample repeats too, the model's own question stays.
+    Each turn the guard touched says so in the session (``guard``), so nothing is hidden.
+    """
+
+    def __init__(self, backend: Backend, profile_form: str, max_tokens: int = QUESTION_MAX_TOKENS,
+                 no_repeat: bool = False):
         if profile_form not in render.PROFILE_FORMS:
             raise UsageError(f"unknown profile form {profile_form!r}; use one of {', '.join(render.PROFILE_FORMS)}")
         self.backend = backend
         self.spec = backend.spec
         self.profile_form = profile_form
         self.max_tokens = max_tokens
+        self.no_repeat = no_repeat
 
-    def request(self, interview: Interview) -> Request:
+    def request(self, interview: Interview, **options) -> Request:
         messages = render.questioner_messages(interview.known(), interview.history(), self.profile_form)
-        return Request(messages=tuple(messages), max_tokens=self.max_tokens)
+        return Request(messages=tuple(messages), max_tokens=self.max_tokens, **options)
 
     def ask(self, interviews: Sequence[Interview]) -> list[str | None]:
         if not interviews:
             return []
         texts = self.backend.generate([self.request(interview) for interview in interviews])
-        return [render.parse_question(text) for text in texts]
+        questions: list[str | None] = [render.parse_question(text) for text in texts]
+        if self.no_repeat:
+            self._replace_repeats(interviews, questions)
+        return questions
+
+    def _replace_repeats(self, interviews: Sequence[Interview], questions: list[str | None]) -> None:
+        repeating = [
+            i for i, (interview, question) in enumerate(zip(interviews, questions))
+            if question and is_repeat(question, [turn["question"] for turn in interview.turns])
+        ]
+        if not repeating:
+            return
+        # Seeded by turn as well, so a user's candidates do not depend on who else repeats this turn.
+        samples = self.backend.generate([
+            self.request(interviews[i], temperature=NO_REPEAT_TEMPERATURE, seed=1000 * len(interviews[i].turns) + k)
+            for i in repeating for k in range(NO_REPEAT_CANDIDATES)
+        ])
+        for n, i in enumerate(repeating):
+            asked = [turn["question"] for turn in interviews[i].turns]
+            candidates = [render.parse_question(text) for text in samples[n * NO_REPEAT_CANDIDATES : (n + 1) * NO_REPEAT_CANDIDATES]]
+            fresh = next((c for c in candidates if c and not is_repeat(c, asked)), None)
+            interviews[i].guard = {"repeat": questions[i], "replaced": fresh is not None}
+            if fresh is not None:
+                questions[i] = fresh
 
 
 class OracleQuestioner(Questioner):
@@ -85,13 +121,16 @@ class OracleQuestioner(Questioner):
         return questions
 
 
-def open_questioner(spec: str, profile_form: str, open_model: Callable[[str], Backend], *, seed: int = 0) -> Questioner:
+def open_questioner(spec: str, profile_form: str, open_model: Callable[[str], Backend], *, seed: int = 0,
+                    no_repeat: bool = False) -> Questioner:
     """``oracle``, ``oracle-shuffled``, or a model spec opened with ``open_model``."""
+    if spec in REFERENCE_QUESTIONERS and no_repeat:
+        raise UsageError("--no-repeat guards a model questioner; the oracles ask each of their questions once")
     if spec == ORACLE:
         return OracleQuestioner()
     if spec == ORACLE_SHUFFLED:
         return OracleQuestioner(seed=seed)
-    return LLMQuestioner(open_model(spec), profile_form)
+    return LLMQuestioner(open_model(spec), profile_form, no_repeat=no_repeat)
 
 
 def default_profile_form(spec: str) -> str:

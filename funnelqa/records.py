@@ -7,15 +7,17 @@ output is never half-written and a killed run resumes from what it had finished.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from funnelqa.errors import InputError
+from funnelqa.errors import InputError, OutputInUse
 
 Record = dict[str, Any]
 Validator = Callable[[Record], None]
@@ -87,6 +89,9 @@ def check_session(record: Record) -> None:
     for key in ("turns", "elicited", "target"):
         if not isinstance(record.get(key), list):
             raise ValueError(f"missing or non-list field {key!r} (is this `funnelqa simulate` output?)")
+    if not record["target"]:
+        # Scored as zero it would drag every average down for a user who had nothing to elicit.
+        raise ValueError("field 'target' is empty: a session without a target profile cannot be scored")
     for key in ("target", "elicited"):
         for i, tag in enumerate(record[key]):
             if not isinstance(tag, dict) or not isinstance(tag.get("tag"), str) or not isinstance(tag.get("content"), str):
@@ -102,15 +107,54 @@ def source_name(source: str | os.PathLike) -> str:
     return "<stdin>" if str(source) == "-" else str(source)
 
 
-def _open_source(source: str | os.PathLike) -> IO[str]:
+def _open_source(source: str | os.PathLike) -> IO[bytes]:
+    # Bytes, not text: a bad byte must become "FILE:LINE: not valid UTF-8", from stdin as from a file.
     if str(source) == "-":
-        return sys.stdin
+        return sys.stdin.buffer
     try:
-        return open(source, encoding="utf-8")
+        return open(source, "rb")
     except FileNotFoundError:
         raise InputError(str(source), None, "no such file") from None
     except IsADirectoryError:
         raise InputError(str(source), None, "is a directory, not a JSONL file") from None
+
+
+_BOM = b"\xef\xbb\xbf"
+# An escaped UTF-16 surrogate (half of an emoji cut in two): json.loads turns a lone one into a
+# str that no UTF-8 writer, cache key or HTTP client can encode.
+_ESCAPED_SURROGATE = re.compile(r"\\u[dD][89abcdefABCDEF]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def scrub_surrogates(value: Any) -> Any:
+    """``value`` with every lone UTF-16 surrogate in its strings replaced by U+FFFD."""
+    if isinstance(value, str):
+        return _SURROGATE.sub("\ufffd", value)
+    if isinstance(value, list):
+        return [scrub_surrogates(item) for item in value]
+    if isinstance(value, dict):
+        return {scrub_surrogates(key): scrub_surrogates(item) for key, item in value.items()}
+    return value
+
+
+def _decode(raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"not valid UTF-8 (byte 0x{raw[exc.start]:02x} at byte {exc.start + 1} of the line)") from None
+
+
+def _not_jsonl(first_line: str, name: str) -> str | None:
+    """What the file is instead of JSONL, judged by its first line, or None."""
+    start = first_line.strip()
+    stem = "records" if name == "<stdin>" else Path(name).stem
+    if start.startswith("["):
+        return ("holds a JSON array, not JSONL (one JSON object per line); "
+                f"convert it with: jq -c '.[]' {name} > {stem}.jsonl")
+    if start == "{":
+        return ("holds pretty-printed JSON, not JSONL (one JSON object per line); "
+                f"convert it with: jq -c . {name} > {stem}.jsonl")
+    return None
 
 
 def read_records(
@@ -122,25 +166,43 @@ def read_records(
 ) -> Iterator[Record]:
     """Yield records from a JSONL path or ``-``, lazily.
 
-    Each record gets ``check_id`` and then ``validate``, unless it carries an ``error`` field from
-    an earlier stage: those pass through untouched so the failure stays visible downstream.
-    A bad line raises InputError naming file and line, or, when ``on_invalid`` is given, is
-    handed to it and skipped.
+    Input is UTF-8 (a leading byte-order mark is allowed); lone surrogates written as JSON escapes
+    become U+FFFD. Each record gets ``check_id`` and then ``validate``, unless it carries an
+    ``error`` field from an earlier stage: those pass through untouched so the failure stays
+    visible downstream.
+
+    Raises InputError naming file and line for a bad line, or, when ``on_invalid`` is given, hands
+    it to ``on_invalid`` and skips it. Raised whatever ``on_invalid`` says: a file that is a JSON
+    array or pretty-printed JSON rather than JSONL, and a file whose every line was skipped.
     """
     name = source_name(source)
     handle = _open_source(source)
+    owned = str(source) != "-"
     seen: set[str] = set()
+    skipped = yielded = 0
     try:
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
+        for line_no, raw in enumerate(handle, start=1):
+            if line_no == 1 and raw.startswith(_BOM):
+                raw = raw[len(_BOM):]
+            if not raw.strip():
                 continue
             try:
+                line = _decode(raw)
                 try:
                     record = json.loads(line.rstrip("\r\n"))
                 except json.JSONDecodeError as exc:
-                    raise ValueError(f"malformed JSON ({exc.msg} at column {exc.colno})") from None
+                    if yielded == skipped == 0 and (what := _not_jsonl(line, name)):
+                        raise InputError(name, None, what) from None
+                    reason = exc.msg.removesuffix(" at")  # "Invalid control character at"
+                    raise ValueError(f"malformed JSON ({reason} at column {exc.colno})") from None
+                except RecursionError:
+                    raise ValueError("JSON nested too deeply") from None
                 if not isinstance(record, dict):
+                    if yielded == skipped == 0 and isinstance(record, list) and record and isinstance(record[0], dict):
+                        raise InputError(name, None, _not_jsonl("[", name) or "")
                     raise ValueError(f"expected a JSON object, got {type(record).__name__}")
+                if _ESCAPED_SURROGATE.search(line):
+                    record = scrub_surrogates(record)
                 check_id(record)
                 key = str(record["id"])
                 if not allow_duplicate_ids and key in seen:
@@ -152,11 +214,15 @@ def read_records(
                 if on_invalid is None:
                     raise error from None
                 on_invalid(error)
+                skipped += 1
                 continue
             seen.add(key)
+            yielded += 1
             yield record
+        if skipped and not yielded:
+            raise InputError(name, None, f"every line was invalid ({skipped} skipped): nothing to do")
     finally:
-        if handle is not sys.stdin:
+        if owned:
             handle.close()
 
 
@@ -167,7 +233,20 @@ def load_records(source: str | os.PathLike, validate: Validator | None = None, *
 # ---- writing ----
 
 def dumps(record: Record) -> str:
-    return json.dumps(record, ensure_ascii=False)
+    text = json.dumps(record, ensure_ascii=False)
+    # A lone surrogate (from a model's output, say) cannot be written as UTF-8.
+    return _SURROGATE.sub("\ufffd", text) if _SURROGATE.search(text) else text
+
+
+def input_digest(record: Record) -> str:
+    """A short digest of an input record: a resumed output must come from this very input."""
+    blob = json.dumps(record, sort_keys=True, ensure_ascii=False).encode("utf-8", "surrogatepass")
+    return hashlib.sha256(blob).hexdigest()[:32]
+
+
+# In ``FILE.partial`` each line also carries the digest of the input it came from; the key is
+# dropped when the partial file becomes the output.
+_DIGEST_KEY = "_funnelqa_input"
 
 
 @dataclass
@@ -175,7 +254,10 @@ class RecordWriter:
     """Writes JSONL to stdout, or to ``path`` through ``path.partial`` renamed on success.
 
     ``done`` holds the records a previous, interrupted run already finished (read back from
-    ``path.partial``); stages skip their ids, and they stay in the output.
+    ``path.partial``); ``is_done`` accepts one only when it came from an identical input record,
+    so a changed input is redone, and the output keeps one record per input of this run.
+    Raises OutputInUse when another process is writing ``path`` (an exclusive lock on
+    ``path.lock``). An interrupted run that wrote nothing leaves no ``.partial`` behind.
     """
 
     path: Path | None = None
@@ -184,28 +266,50 @@ class RecordWriter:
     done: dict[str, Record] = field(default_factory=dict)
     _handle: IO[str] | None = None
     written: int = 0
+    _lock: Any = None
+    _digests: dict[str, str] = field(default_factory=dict)  # key -> digest of the partial's line
+    _inputs: dict[str, str] = field(default_factory=dict)  # key -> digest of this run's input
+    _resumed: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         if self.path is None:
             self._handle = sys.stdout
             return
+        from filelock import FileLock, Timeout
+
         self.path = Path(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = FileLock(str(self.path) + ".lock", timeout=0)
+        try:
+            self._lock.acquire()
+        except Timeout:
+            self._lock = None
+            raise OutputInUse(f"{self.path}: another funnelqa process is writing this file "
+                              f"(it holds {self.path}.lock); wait for it or choose another --out") from None
+        try:
+            self._open_partial()
+        except BaseException:
+            self._unlock()
+            raise
+
+    def _open_partial(self) -> None:
         partial = self.partial_path
         if partial.exists() and not self.resume:
             partial.unlink()
         if partial.exists():
-            kept = []
-            with open(partial, encoding="utf-8") as handle:
+            with open(partial, encoding="utf-8", errors="replace") as handle:
                 for line in handle:
                     try:
                         record = json.loads(line)
-                    except json.JSONDecodeError:
-                        break  # a line cut short by the kill: everything after it is redone
-                    kept.append(line if line.endswith("\n") else line + "\n")
-                    self.done[self.key(record)] = record
+                        key = self.key(record)
+                    except (json.JSONDecodeError, TypeError, KeyError):
+                        continue  # a line cut short by the kill: its record is redone
+                    digest = record.pop(_DIGEST_KEY, None)
+                    # A key seen twice: the later line is the newer answer.
+                    self.done[key] = record
+                    self._digests[key] = digest
             with open(partial, "w", encoding="utf-8") as handle:
-                handle.writelines(kept)
+                handle.writelines(self._line(record, self._digests[key]) for key, record in self.done.items())
         self._handle = open(partial, "a", encoding="utf-8")
 
     @property
@@ -214,11 +318,29 @@ class RecordWriter:
         return self.path.with_name(self.path.name + ".partial")
 
     def is_done(self, record: Record) -> bool:
-        return self.key(record) in self.done
+        """Whether ``record`` (an input) was finished by an earlier run; remembers it for ``write``."""
+        key = self.key(record)
+        if self.path is None:
+            return False
+        digest = self._inputs[key] = input_digest(record)
+        if key in self.done and self._digests.get(key) == digest:
+            self._resumed.add(key)
+            return True
+        return False
+
+    @staticmethod
+    def _line(record: Record, digest: str | None) -> str:
+        return dumps({**record, _DIGEST_KEY: digest} if digest else record) + "\n"
 
     def write(self, record: Record) -> None:
         assert self._handle is not None
-        self._handle.write(dumps(record) + "\n")
+        if self.path is None or not self.resume:
+            self._handle.write(dumps(record) + "\n")
+        else:
+            key = self.key(record)
+            self._handle.write(self._line(record, self._inputs.get(key)))
+            self.done[key] = record
+            self._resumed.add(key)
         self._handle.flush()
         self.written += 1
 
@@ -227,18 +349,53 @@ class RecordWriter:
             self.write(record)
 
     def commit(self) -> None:
-        """Finish: the partial file becomes the output in one rename."""
+        """Finish: the partial file becomes the output in one rename.
+
+        Resuming, only the records of this run's inputs get there (resumed or written), once each.
+        """
         if self.path is None or self._handle is None:
             return
         self._handle.close()
         self._handle = None
-        os.replace(self.partial_path, self.path)
+        try:
+            if self.resume:
+                tmp = self.path.with_name(self.path.name + ".tmp")
+                self._keep_this_runs_records(tmp)
+                os.replace(tmp, self.path)
+                self.partial_path.unlink()
+            else:
+                os.replace(self.partial_path, self.path)
+        finally:
+            self._unlock()
+
+    def _keep_this_runs_records(self, target: Path) -> None:
+        with open(self.partial_path, encoding="utf-8") as handle:
+            kept: dict[str, Record] = {}
+            for line in handle:
+                record = json.loads(line)
+                record.pop(_DIGEST_KEY, None)
+                key = self.key(record)
+                if key in self._resumed:
+                    kept.pop(key, None)  # the later line wins, in the place it was written
+                    kept[key] = record
+        with open(target, "w", encoding="utf-8") as handle:
+            handle.writelines(dumps(record) + "\n" for record in kept.values())
 
     def abandon(self) -> None:
         """Stop without committing; the partial file stays for the next run to resume."""
         if self.path is not None and self._handle is not None:
             self._handle.close()
             self._handle = None
+            if self.partial_path.exists() and self.partial_path.stat().st_size == 0:
+                self.partial_path.unlink()  # e.g. an input error before any work: nothing to resume
+        self._unlock()
+
+    def _unlock(self) -> None:
+        if self._lock is not None:
+            # Removed while still held, so no process can lock the old file after we let go.
+            Path(self._lock.lock_file).unlink(missing_ok=True)
+            self._lock.release()
+            self._lock = None
 
     def __enter__(self) -> RecordWriter:
         return self

@@ -1,12 +1,21 @@
 """The ONE place where records become prompts and model text becomes records.
 
 Training (``train-questioner``, ``train-simulator``) and inference (``simulate``) both call these
-functions; if they rendered differently, a fine-tuned model would silently degrade.
+functions; if they rendered differently, a fine-tuned model would silently degrade. Messages
+become tokens in one place too: ``funnelqa.chat_template``.
+
+An interview is a chat (paper Eq. 5: P_t is the conversation before Q_t):
+- the questioner's: system prompt, an opening user line, then assistant = Q_i and user = A_i;
+- the user simulator's: system prompt with the full profile JP^u, then user = Q_i and
+  assistant = the JSON answer naming the revealed tags T_i (Eq. 10).
+So one causal sequence per user trains every turn at once, and ``simulate`` extends the same
+conversation turn by turn.
 
 Two profile forms for the questioner (paper Sec. 4.2.3):
-- ``answers``: the partial profile JP_t, i.e. the tag contents revealed so far (Eq. 7-8);
-- ``qa``: the questions asked so far with their answers (Eq. 5), which also shows the questions
-  that went unanswered and so discourages repeats.
+- ``qa``: the questions asked so far with their answers (Eq. 5), the conversation above, which
+  also shows the questions that went unanswered and so discourages repeats;
+- ``answers``: the partial profile JP_t, i.e. the tag contents revealed so far (Eq. 7-8), one
+  prompt per step (it is not a conversation: JP_t is rewritten each turn).
 """
 
 from __future__ import annotations
@@ -16,27 +25,47 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+from funnelqa.metrics import unicode_tokens
 from funnelqa.prompts import load
 
 PROFILE_FORMS = ("answers", "qa")
 NO_PREFERENCE = "No preference"
+# Chat templates (Gemma's) and chat APIs (Gemini's) want the user to speak first; the questioner
+# opens the interview in reply to this line.
+QUESTIONER_OPENER = "Hi! I'm ready for your questions."
 
 
 def format_tags(tags: Sequence[dict[str, str]]) -> str:
     return "\n".join(f"- {t['tag']}: {t['content']}" for t in tags)
 
 
+def questioner_conversation(turns: Sequence[dict[str, str]]) -> list[dict[str, str]]:
+    """The questioner's side of an interview: ``turns`` are ``{"question", "answer"}``; a last turn
+    without ``"answer"`` ends the chat on that question (a training target). Turns with an empty
+    question (nothing was asked) are left out: chat APIs reject empty messages."""
+    messages = [
+        {"role": "system", "content": load("questioner_system")},
+        {"role": "user", "content": QUESTIONER_OPENER},
+    ]
+    for turn in turns:
+        if not turn["question"].strip():
+            continue
+        messages.append({"role": "assistant", "content": questioner_target(turn["question"])})
+        if "answer" in turn:
+            messages.append({"role": "user", "content": turn["answer"].strip() or NO_PREFERENCE})
+    return messages
+
+
 def questioner_messages(
     known: Sequence[dict[str, str]], history: Sequence[dict[str, str]], form: str = "answers"
 ) -> list[dict[str, str]]:
-    """Prompt for the next question from a partial profile (``known``) or a Q/A history."""
-    if form == "answers":
-        body = "What we know about the user so far:\n" + (format_tags(known) if known else "(nothing yet)")
-    elif form == "qa":
-        lines = [f"Q: {turn['question']}\nA: {turn['answer']}" for turn in history]
-        body = "The conversation so far:\n" + ("\n".join(lines) if lines else "(no questions asked yet)")
-    else:
+    """Prompt for the next question: the conversation so far (``qa``) or the partial profile JP_t
+    (``known``) in one message (``answers``)."""
+    if form == "qa":
+        return questioner_conversation(history)
+    if form != "answers":
         raise ValueError(f"unknown profile form {form!r}; use one of {PROFILE_FORMS}")
+    body = "What we know about the user so far:\n" + (format_tags(known) if known else "(nothing yet)")
     return [
         {"role": "system", "content": load("questioner_system")},
         {"role": "user", "content": body + "\n\nAsk the next question."},
@@ -47,12 +76,28 @@ def questioner_target(question: str) -> str:
     return question.strip()
 
 
-def simulator_messages(profile_tags: Sequence[dict[str, str]], question: str) -> list[dict[str, str]]:
-    """Prompt for the simulated user: the full ground-truth profile and one question."""
-    return [
-        {"role": "system", "content": load("simulator_system")},
-        {"role": "user", "content": f"Profile:\n{format_tags(profile_tags)}\n\nQuestion: {question.strip()}"},
-    ]
+def simulator_conversation(
+    profile_tags: Sequence[dict[str, str]], turns: Sequence[dict[str, Any]]
+) -> list[dict[str, str]]:
+    """The simulated user's side of an interview: the profile JP^u in the system prompt, then per
+    turn user = question and, when the turn has an ``"answer"``, assistant = the JSON answer with
+    its ``"tags"``. A last turn without an answer is the question to answer next."""
+    messages = [{"role": "system", "content": f"{load('simulator_system')}\n\nProfile:\n{format_tags(profile_tags)}"}]
+    for turn in turns:
+        if not turn["question"].strip():
+            continue
+        messages.append({"role": "user", "content": turn["question"].strip()})
+        if "answer" in turn:
+            messages.append({"role": "assistant", "content": simulator_target(turn["answer"], turn.get("tags", []))})
+    return messages
+
+
+def simulator_messages(
+    profile_tags: Sequence[dict[str, str]], question: str, history: Sequence[dict[str, Any]] = ()
+) -> list[dict[str, str]]:
+    """Prompt for the simulated user: the profile, the interview so far (``history`` of
+    ``{"question", "answer", "tags"}``) and the question to answer."""
+    return simulator_conversation(profile_tags, [*history, {"question": question}])
 
 
 def simulator_target(answer: str, tags: Sequence[str]) -> str:
@@ -68,8 +113,49 @@ _QUESTION_LABEL = re.compile(
     r"(?:\*\*)?\s*",
     flags=re.I,
 )
-# A sentence ends here, unless the word before the period is an abbreviation ("Dr. Strangelove").
-_SENTENCE_BREAK = re.compile(r"(?<![A-Z][a-z]\.)(?<!\b[A-Z]\.)(?<!\be\.g\.)(?<!\bi\.e\.)(?<=[.!:;])\s+(?=[\"“(]?[A-Z])")
+# Where a sentence may end: after . ! ; or : and a space, before a capital (or a letter of a script
+# without case). Whether it does is up to ``_sentence_breaks``.
+_BREAK_CANDIDATE = re.compile(r"([.!:;])\s+(?=[\"“(]?([^\W\d_]))")
+# "Mrs. Doubtfire", "Alien vs. Predator", "Dr. Strangelove": a period after these ends no sentence.
+_ABBREVIATIONS = frozenset(
+    "mr mrs ms mx dr prof sr jr st mt ft vs v no nos vol vols pt pts ch fig inc ltd co corp dept gen col capt "
+    "sgt lt rev hon pres gov sen rep ave blvd rd approx etc cf al jan feb mar apr jun jul aug sep sept oct nov dec".split()
+)
+# A colon ends a preamble ("Here is my question: ..."), not a title ("Dr. Strangelove or: How I
+# Learned...", "Star Wars: Episode IV"): it breaks only after one of these words.
+_PREAMBLE_WORDS = re.compile(r"\b(?:question|questions|ask|asking|here|here's|wondering|curious|know|next)\b", re.I)
+
+
+def _sentence_breaks(text: str) -> list[str]:
+    pieces, start = [], 0
+    for match in _BREAK_CANDIDATE.finditer(text):
+        mark, following = match.group(1), match.group(2)
+        if following.islower():
+            continue
+        before = text[start : match.start(1)]
+        word = before.split()[-1].lstrip("\"'“(") if before.split() else ""
+        if mark == "." and (word.lower() in _ABBREVIATIONS or len(word) == 1 or "." in word):
+            continue  # an abbreviation or an initial ("J. R. R. Tolkien", "e.g.")
+        if mark == ":" and not _PREAMBLE_WORDS.search(before):
+            continue
+        pieces.append(text[start : match.end(1)])
+        start = match.end()
+    pieces.append(text[start:])
+    return pieces
+
+
+_QUESTION_MARKS = "?？؟"
+# A reasoning model's thoughts come before its answer; a draft in them is not the answer.
+_REASONING_BLOCK = re.compile(r"<(think|thinking|reasoning|thought)>.*?</\1>", re.S | re.I)
+_REASONING_END = re.compile(r"</(?:think|thinking|reasoning|thought)>", re.I)
+
+
+def strip_reasoning(text: str) -> str:
+    """``text`` without ``<think>...</think>`` blocks; a block whose start the chat template wrote
+    (only ``</think>`` in the output) ends at its closing tag."""
+    text = _REASONING_BLOCK.sub("", text)
+    closings = list(_REASONING_END.finditer(text))
+    return text[closings[-1].end() :] if closings else text
 
 
 def _clean_question(line: str) -> str:
@@ -79,8 +165,8 @@ def _clean_question(line: str) -> str:
 
 def _first_question(line: str) -> str:
     """The sentence that ends with the first '?' in ``line``: drops "Great, thanks! " before it and chatter after."""
-    asked = line[: line.index("?") + 1]
-    return _clean_question(_SENTENCE_BREAK.split(asked)[-1])
+    asked = line[: min(line.index(mark) for mark in _QUESTION_MARKS if mark in line) + 1]
+    return _clean_question(_sentence_breaks(asked)[-1])
 
 
 def parse_question(text: str) -> str:
@@ -89,7 +175,7 @@ def parse_question(text: str) -> str:
     Prefers the first sentence ending in '?' (an untrained model often says "Sure! Here is my
     question: ..." or goes on to answer it itself); otherwise the first non-empty line.
     """
-    text = text.strip()
+    text = strip_reasoning(text).strip()
     if text.startswith("{") or "```" in text:
         try:
             data = extract_json(text)
@@ -101,14 +187,17 @@ def parse_question(text: str) -> str:
                     return _clean_question(value)
     lines = [cleaned for line in text.splitlines() if (cleaned := _clean_question(line))]
     for line in lines:
-        if "?" in line:
+        if any(mark in line for mark in _QUESTION_MARKS):
             return _first_question(line)
     return lines[0] if lines else ""
 
 
 def extract_json(text: str) -> Any:
-    """The first JSON value in ``text``: tolerates code fences and chatter around it."""
-    text = text.strip()
+    """The first JSON value in ``text``: tolerates code fences, chatter and reasoning blocks around it.
+
+    Raises ValueError when there is none.
+    """
+    text = strip_reasoning(text).strip()
     fenced = re.search(r"```(?:json)?\s*(.*?)```", text, flags=re.S)
     # A fence that holds no JSON (prose, or code) must not hide JSON written outside it.
     candidates = [fenced.group(1).strip(), text] if fenced else [text]
@@ -125,7 +214,8 @@ def extract_json(text: str) -> Any:
 
 
 def _normalise(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", " ", name.lower()).strip()
+    # Letters of every script count ("ジャンル" must not normalise to ""); case and punctuation do not.
+    return " ".join(unicode_tokens(name))
 
 
 def _singular(normalised: str) -> str:
@@ -144,7 +234,9 @@ def match_tags(names: Sequence[Any], profile_tags: Sequence[dict[str, str]]) -> 
         by_singular.setdefault(_singular(_normalise(t["tag"])), []).append(t["tag"])
     matched: list[str] = []
     for name in names:
-        text = str(name)
+        if not isinstance(name, str):
+            continue  # null, a list or an object is no tag name; str() would make "None" one
+        text = name
         real = by_norm.get(_normalise(text))
         if real is None and ":" in text:
             real = by_norm.get(_normalise(text.split(":", 1)[0]))
@@ -186,7 +278,11 @@ def _from_json(text: str) -> tuple[str, list[Any]] | None:
     tags = next((fields[k] for k in _TAG_KEYS if k in fields), None)
     if answer is None and tags is None:
         return None
-    return ("" if answer is None else str(answer)), _tag_names(tags)
+    if isinstance(answer, (int, float)) and not isinstance(answer, bool):
+        answer = str(answer)  # "How many films a week?" may fairly get 3
+    elif not isinstance(answer, str):
+        answer = ""  # null, a list or an object answers nothing: never the string "['Drama', 'Comedy']"
+    return answer, _tag_names(tags)
 
 
 _JSON_STRING = r'"((?:[^"\\]|\\.)*)'
@@ -234,7 +330,7 @@ _STOPWORDS = frozenset(
 
 
 def _word_set(text: str) -> set[str]:
-    return {w[:-1] if len(w) > 3 and w.endswith("s") and not w.endswith("ss") else w for w in re.findall(r"[a-z0-9]+", text.lower())}
+    return {w[:-1] if len(w) > 3 and w.endswith("s") and not w.endswith("ss") else w for w in unicode_tokens(text)}
 
 
 def infer_tags(answer: str, profile_tags: Sequence[dict[str, str]]) -> list[str]:
@@ -267,6 +363,7 @@ def parse_simulator(text: str, profile_tags: Sequence[dict[str, str]]) -> tuple[
     reveal what the user does not have. An answer that names no profile tag (plain prose, or JSON
     with no usable tags) reveals the tags whose content it repeats (``infer_tags``); prose that
     reveals none counts as no answer."""
+    text = strip_reasoning(text)
     fields = _from_json(text) or _from_truncated_json(text) or _from_labels(text)
     prose = fields is None
     answer, names = (text, []) if prose else fields

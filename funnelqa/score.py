@@ -7,7 +7,8 @@ Texts compared (Algorithm 2, line 7: an answer takes the corresponding value of 
 One session file is one system. Each gets BLEU and ROUGE-1/2/L, tag recall, unanswered rate,
 questions asked, every metric after 1..T questions (paper Fig. 4), the weighted rank of each
 concept (Eq. 11, Fig. 7), and the Spearman correlation between the position at which a tag is
-revealed and its generality (its index in the ranked target list).
+revealed and its generality (its index in the ranked target list), and the share of asked
+questions that repeat an earlier one of the same interview (funnelqa.repeats).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 from funnelqa import metrics
 from funnelqa.errors import InputError, UsageError
 from funnelqa.records import Record, RecordWriter, check_session, read_records, source_name
+from funnelqa.repeats import repeated_turns
 
 
 def profile_text(tags: Sequence[dict]) -> str:
@@ -164,6 +166,11 @@ class _SessionRouge(metrics.RougeCache):
     def start(self, target: Sequence[dict]) -> None:
         from rouge_score import rouge_scorer
 
+        # An elicited text is made of the target's contents: the target's script decides the tokenizer.
+        reference = profile_text(target)
+        name = self.tokenizer_for(reference, reference)
+        self.used.add(name)
+        self._tokenizer = self._tokenizers[name]
         self._tokens = {tag["content"]: self._tokenizer.tokenize(tag["content"]) for tag in target}
         self._target = [token for tag in target for token in self._tokens[tag["content"]]]
         self._target_ngrams = {n: rouge_scorer._create_ngrams(self._target, n) for n in (1, 2)}
@@ -237,9 +244,11 @@ class SessionScorer:
     the same as scoring all sessions at once.
     """
 
-    def __init__(self, *, seed: int = 0, cache: metrics.RougeCache | None = None):
+    def __init__(self, *, seed: int = 0, cache: metrics.RougeCache | None = None, rouge_tokenizer: str = "auto"):
         self.seed = seed
         self.cache = cache
+        self.rouge_tokenizer = rouge_tokenizer
+        self.questions = self.repeated = 0
         self.sessions = 0
         self.first: Record | None = None
         self.mixed = False
@@ -271,8 +280,11 @@ class SessionScorer:
         self.unanswered += sum(not turn["answered"] for turn in turns)
         self.asked += len(turns)
         self.horizon = max(self.horizon, session.get("max_questions") or 0, len(turns))
+        asked = [turn["question"] for turn in turns if turn["question"].strip()]
+        self.questions += len(asked)
+        self.repeated += repeated_turns(asked)
         if self.cache is None:
-            self.cache = _SessionRouge()
+            self.cache = _SessionRouge(tokenizer=self.rouge_tokenizer)
         cache = self.cache
         if isinstance(cache, _SessionRouge):
             cache.start(target)
@@ -348,6 +360,9 @@ class SessionScorer:
         summary["unanswered_rate"] = self.unanswered / self.turns if self.turns else None
         summary["questions_asked"] = self.asked / self.sessions
         summary["complete_rate"] = self.complete / self.sessions
+        summary["repeat_rate"] = self.repeated / self.questions if self.questions else 0.0
+        # Which tokenizer scored ROUGE: "default" numbers equal evaluate's, "unicode" ones do not.
+        summary["rouge_tokenizer"] = "+".join(sorted(self.cache.used))
         curve: dict[str, list] = {"questions": list(range(1, self.horizon + 1))}
         for questions in curve["questions"]:
             for name, value in self._point(questions).items():
@@ -388,9 +403,9 @@ def system_name(sessions: Sequence[Record], source: str) -> str:
     return f"{_short_spec(first['questioner'])} / {_short_spec(first['simulator'])} / {first['profile_form']}"
 
 
-def score_file(path: str, *, seed: int = 0, cache: metrics.RougeCache | None = None) -> dict:
+def score_file(path: str, *, seed: int = 0, cache: metrics.RougeCache | None = None, rouge_tokenizer: str = "auto") -> dict:
     """Score one session file, streaming: memory holds one session plus the numbers kept per session."""
-    scorer = SessionScorer(seed=seed, cache=cache)
+    scorer = SessionScorer(seed=seed, cache=cache, rouge_tokenizer=rouge_tokenizer)
     for session in read_records(path, check_session):
         if "error" not in session:
             scorer.add(session)
@@ -430,7 +445,7 @@ def print_table(results: Sequence[dict]) -> None:
 
     table = Table(title="funnelqa score", title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1))
     table.add_column("system", overflow="fold")
-    for column in ("n", "BLEU", "R-1", "R-2", "R-L", "recall", "unansw.", "asked", "rho"):
+    for column in ("n", "BLEU", "R-1", "R-2", "R-L", "recall", "unansw.", "repeat", "asked", "rho"):
         table.add_column(column, justify="right", no_wrap=True)
 
     def fmt(value) -> str:
@@ -446,6 +461,7 @@ def print_table(results: Sequence[dict]) -> None:
             fmt(result["rougeL"]),
             fmt(result["tag_recall"]),
             fmt(result["unanswered_rate"]),
+            fmt(result["repeat_rate"]),
             f"{result['questions_asked']:.1f}",
             fmt(result["funnel_spearman"]["rho"]),
         )
@@ -453,19 +469,25 @@ def print_table(results: Sequence[dict]) -> None:
     console = stderr if stderr.is_terminal else Console(stderr=True, width=160)
     console.print(table)
     console.print("recall: share of target tags revealed; unansw.: share of questions answered 'No preference'; "
-                 "asked: questions per user; rho: Spearman(reveal position, tag generality), > 0 = funnel order")
+                 "repeat: share of questions repeating an earlier one; asked: questions per user; rho: Spearman(reveal position, tag generality), > 0 = funnel order")
 
 
 def score_files(
-    paths: Sequence[str], *, plots_dir: Path | None = None, out: Path | None = None, seed: int = 0
+    paths: Sequence[str], *, plots_dir: Path | None = None, out: Path | None = None, seed: int = 0,
+    rouge_tokenizer: str = "auto",
 ) -> list[dict]:
-    """`funnelqa score`: one result per session file, a table on stderr, JSONL on stdout or ``out``."""
+    """`funnelqa score`: one result per session file, a table on stderr, JSONL on stdout or ``out``.
+
+    ``rouge_tokenizer``: see ``metrics.RougeCache``; each result names the one that scored it.
+    """
     if not paths:
         raise UsageError("give at least one session file")
     if sum(str(path) == "-" for path in paths) > 1:
         raise UsageError("stdin ('-') can be given once")
+    if rouge_tokenizer not in metrics.ROUGE_TOKENIZERS:
+        raise UsageError(f"unknown ROUGE tokenizer {rouge_tokenizer!r}; use one of {', '.join(metrics.ROUGE_TOKENIZERS)}")
     # No ROUGE cache shared across files: it would keep every pair of every file in memory.
-    results = [score_file(path, seed=seed) for path in paths]
+    results = [score_file(path, seed=seed, rouge_tokenizer=rouge_tokenizer) for path in paths]
     _unique_names(results)
     print_table(results)
     # Scores take seconds to recompute: a re-run starts over rather than resuming.

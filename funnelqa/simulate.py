@@ -21,6 +21,7 @@ from funnelqa.backends import Backend, BackendOptions, Request, open_backend
 from funnelqa.errors import UsageError
 from funnelqa.questioners import ORACLE_SHUFFLED, Questioner, default_profile_form, open_questioner
 from funnelqa.records import Record, RecordWriter, check_questions, read_records
+from funnelqa.redact import redact
 
 # A simulator answer is one or two sentences plus tag names: under 300 characters (about 70
 # tokens) of JSON in the MovieLens data. Twice that keeps a verbose model's JSON whole, while a
@@ -46,6 +47,8 @@ class Interview:
     turns: list[dict] = field(default_factory=list)
     elicited: list[dict] = field(default_factory=list)
     stop: str | None = None
+    # What the --no-repeat guard did to the question of the coming turn, kept with that turn.
+    guard: dict | None = None
 
     @property
     def target(self) -> list[dict]:
@@ -60,7 +63,12 @@ class Interview:
         return [{"tag": t["tag"], "content": t["content"]} for t in self.target if t["tag"] in revealed]
 
     def history(self) -> list[dict]:
+        """The questions asked so far with their answers, as the questioner's conversation shows them."""
         return [{"question": turn["question"], "answer": turn["answer"]} for turn in self.turns]
+
+    def simulator_history(self) -> list[dict]:
+        """The same turns as the simulated user said them: answer and revealed tags."""
+        return [{"question": turn["question"], "answer": turn["answer"], "tags": turn["tags"]} for turn in self.turns]
 
     def add_turn(self, question: str, answer: str, tags: Sequence[str], raw: str | None) -> None:
         content = {t["tag"]: t["content"] for t in self.target}
@@ -73,8 +81,10 @@ class Interview:
                 "tags": list(tags),
                 "answered": answered,
                 "raw": raw,
+                **({"guard": self.guard} if self.guard else {}),
             }
         )
+        self.guard = None
         revealed = self.revealed()
         for name in tags:
             if name not in revealed:
@@ -96,23 +106,24 @@ class Interview:
 
 
 class UserSimulator:
-    """Any backend as the simulated user: JP^u and a question in, (answer, revealed tags) out."""
+    """Any backend as the simulated user: JP^u, the interview so far and a question in,
+    (answer, revealed tags) out."""
 
     def __init__(self, backend: Backend, max_tokens: int = ANSWER_MAX_TOKENS):
         self.backend = backend
         self.spec = backend.spec
         self.max_tokens = max_tokens
 
-    def request(self, profile_tags: Sequence[dict], question: str) -> Request:
-        messages = render.simulator_messages(profile_tags, question)
+    def request(self, interview: Interview, question: str) -> Request:
+        messages = render.simulator_messages(interview.target, question, interview.simulator_history())
         return Request(messages=tuple(messages), max_tokens=self.max_tokens, json_schema=ANSWER_SCHEMA)
 
-    def answer(self, asked: Sequence[tuple[Sequence[dict], str]]) -> list[tuple[str, list[str], str]]:
-        """(answer, revealed tag names, raw output) for each (profile tags, question)."""
+    def answer(self, asked: Sequence[tuple[Interview, str]]) -> list[tuple[str, list[str], str]]:
+        """(answer, revealed tag names, raw output) for each (interview, question)."""
         if not asked:
             return []
-        texts = self.backend.generate([self.request(tags, question) for tags, question in asked])
-        return [(*render.parse_simulator(text, tags), text) for (tags, _), text in zip(asked, texts)]
+        texts = self.backend.generate([self.request(interview, question) for interview, question in asked])
+        return [(*render.parse_simulator(text, interview.target), text) for (interview, _), text in zip(asked, texts)]
 
 
 @dataclass
@@ -158,7 +169,7 @@ def run_interviews(
                 interview.add_turn("", render.NO_PREFERENCE, [], None)
             else:
                 asking.append((interview, question))
-        replies = simulator.answer([(interview.target, question) for interview, question in asking])
+        replies = simulator.answer(asking)
         for (interview, question), (answer, tags, raw) in zip(asking, replies):
             interview.add_turn(question, answer, tags, raw)
         asked = answered = 0
@@ -196,10 +207,12 @@ def simulate_file(
     limit: int | None = None,
     skip_invalid: bool = False,
     progress: bool = True,
+    no_repeat: bool = False,
 ) -> int:
     """`funnelqa simulate`: interview the users of a forward file; returns how many sessions were written.
 
     With ``out``, users finished by an earlier, interrupted run are skipped (and kept).
+    ``no_repeat``: the questioner's repeat guard (``LLMQuestioner``), recorded in every session.
     """
     from funnelqa.console import stderr
 
@@ -231,8 +244,12 @@ def simulate_file(
             return opened[spec]
 
         meta = {"questioner": questioner, "simulator": simulator, "profile_form": form}
+        if no_repeat:
+            meta["no_repeat"] = True
         if questioner == ORACLE_SHUFFLED:
             meta["seed"] = seed
+        # Sessions keep the specs: a key written into a base URL must not go with them.
+        meta.update(questioner=redact(questioner), simulator=redact(simulator))
         totals = {"asked": 0, "answered": 0}
 
         def report(turn: TurnReport) -> None:
@@ -246,7 +263,7 @@ def simulate_file(
                 )
 
         try:
-            asker = open_questioner(questioner, form, open_model, seed=seed)
+            asker = open_questioner(questioner, form, open_model, seed=seed, no_repeat=no_repeat)
             answerer = UserSimulator(open_model(simulator))
             for session in run_interviews(todo, asker, answerer, max_questions=max_questions, meta=meta, on_turn=report):
                 writer.write(session)

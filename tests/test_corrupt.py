@@ -92,8 +92,9 @@ def test_cli_rejects_uncovered_tags(tmp_path):
     assert result.returncode == 2
     assert f"{path}:1: tags never revealed by any question" in result.stderr
     assert result.stdout == ""
+    # Skipping the only line leaves nothing to do: that is a failure, not an empty success.
     skipped = run_cli("corrupt", path, "--skip-invalid")
-    assert skipped.returncode == 0 and "skipped" in skipped.stderr
+    assert skipped.returncode == 2 and "skipped" in skipped.stderr and "every line was invalid" in skipped.stderr
 
 
 # sha256 of `funnelqa corrupt forward.jsonl` (and with --seed 7 --negatives 5) on the shared

@@ -39,7 +39,7 @@ def greedy_ids(backend: HFBackend, request: Request, max_new_tokens: int) -> lis
     """What the model itself produces for one request, unbatched: the reference for the backend."""
     import torch
 
-    ids = backend.tokenizer(backend.render(request), add_special_tokens=False, return_tensors="pt")
+    ids = {"input_ids": torch.tensor([backend.encode(request)])}
     with torch.inference_mode():
         output = backend.model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None)
     return output[0, ids["input_ids"].shape[1] :].tolist()

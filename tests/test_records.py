@@ -65,6 +65,7 @@ def test_questions_must_reveal_existing_tags(tmp_path):
 def test_writer_is_atomic_and_resumes(tmp_path):
     out = tmp_path / "out.jsonl"
     writer = records.RecordWriter(out)
+    assert not writer.is_done({"id": "a"})
     writer.write({"id": "a"})
     writer.abandon()  # killed: no output yet, the partial file stays
     assert not out.exists()
@@ -72,6 +73,7 @@ def test_writer_is_atomic_and_resumes(tmp_path):
         handle.write('{"id": "b", "cut sho')  # the kill cut the last line short
     resumed = records.RecordWriter(out)
     assert set(resumed.done) == {"a"}
+    assert resumed.is_done({"id": "a"}) and not resumed.is_done({"id": "b"})
     resumed.write({"id": "b"})
     resumed.commit()
     assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == ["a", "b"]

@@ -8,7 +8,7 @@ from funnelqa.backends import Request
 from funnelqa.backends.fake import FakeBackend
 from funnelqa.errors import UsageError
 from funnelqa.questioners import LLMQuestioner, OracleQuestioner, default_profile_form
-from funnelqa.records import load_records, check_questions
+from funnelqa.records import RecordWriter, load_records, check_questions
 from funnelqa.score import tag_recall
 from funnelqa.simulate import UserSimulator, run_interviews, simulate_file
 from tests.conftest import run_cli
@@ -37,10 +37,14 @@ def record_simulator(records) -> FakeBackend:
     answers = {}
     for record in records:
         for q in record["questions"]:
-            prompt = render.simulator_messages(record["tags"], q["question"])[-1]["content"]
-            answers[prompt] = render.simulator_target(q["answer"], q["tags"])
+            messages = render.simulator_messages(record["tags"], q["question"])
+            answers[messages[0]["content"], messages[-1]["content"]] = render.simulator_target(q["answer"], q["tags"])
     no_answer = render.simulator_target(render.NO_PREFERENCE, [])
-    return FakeBackend(lambda request: answers.get(request.messages[-1]["content"], no_answer), name="fake:record-sim")
+
+    def respond(request):
+        return answers.get((request.messages[0]["content"], request.messages[-1]["content"]), no_answer)
+
+    return FakeBackend(respond, name="fake:record-sim")
 
 
 def interview(records, questioner, simulator, **kwargs):
@@ -187,7 +191,7 @@ def write_jsonl(path: Path, rows) -> Path:
 
 def simulator_script(records) -> list[dict]:
     rules = [
-        {"contains": f"Question: {q['question']}", "response": {"answer": q["answer"], "tags": q["tags"]}}
+        {"last": q["question"], "response": {"answer": q["answer"], "tags": q["tags"]}}
         for record in records
         for q in record["questions"]
     ]
@@ -206,8 +210,12 @@ def test_resume_skips_users_an_interrupted_run_finished(tmp_path):
     # A run killed after the first session: its partial file holds ann (marked, to prove it is kept
     # rather than redone) and half a line of bob.
     out.unlink()
-    kept = {**complete[0], "marker": "from the first run"}
-    (tmp_path / "sessions.jsonl.partial").write_text(json.dumps(kept) + "\n" + json.dumps(complete[1])[:40])
+    killed = RecordWriter(out)
+    assert not killed.is_done(load_records(forward)[0])
+    killed.write({**complete[0], "marker": "from the first run"})
+    killed.abandon()
+    with open(tmp_path / "sessions.jsonl.partial", "a") as handle:
+        handle.write(json.dumps(complete[1])[:40])
     assert simulate_file(forward, **kwargs) == 2
     resumed = load_records(out)
     assert [s["id"] for s in resumed] == ["ann", "bob", "cid"]
@@ -238,7 +246,7 @@ def test_one_model_plays_both_roles_and_is_opened_once(tmp_path, monkeypatch):
 
     forward = write_jsonl(tmp_path / "forward.jsonl", RECORDS)
     script = tmp_path / "both.json"
-    rules = [{"contains": "Ask the next question.", "response": "bob: what about genre?"}] + simulator_script(RECORDS)
+    rules = [{"contains": "Ask the next question", "response": "bob: what about genre?"}] + simulator_script(RECORDS)
     script.write_text(json.dumps(rules))
     opened = []
     real_open = simulate_module.open_backend
@@ -366,3 +374,61 @@ def test_infer_tags_orders_by_evidence():
     answer = "Classic 1970s and 1950s crime comedy and romance."
     assert render.infer_tags(answer, MOVIE_PROFILE) == ["Era", "Genre"]
 
+
+
+# ---- the --no-repeat guard ----
+
+def test_repeats_are_near_duplicates_in_any_script():
+    from funnelqa.repeats import is_repeat, repeated_turns
+
+    assert is_repeat("What kind of characters do you like?", ["What kind of characters do you like ?"])
+    assert is_repeat("what KIND of characters do you like", ["Who?", "What kind of characters do you like?"])
+    assert not is_repeat("What kinds of movies do you usually avoid?", ["What kinds of movies do you usually enjoy?"])
+    assert is_repeat("Какие фильмы вы любите?", ["Какие фильмы вы любите"])
+    assert not is_repeat("", ["?"])
+    assert repeated_turns(["A b c?", "D e f?", "a b c", "d e f!", "g?"]) == 2
+
+
+def looping_questioner(fresh: bool) -> FakeBackend:
+    """Greedy: always the same question. Sampled (the guard's candidates): a new one per seed, or
+    the same one again when ``fresh`` is False."""
+
+    def respond(request):
+        if request.temperature == 0 or not fresh:
+            return "What kinds of movies do you usually enjoy?"
+        return f"Which director number {request.seed} do you like?"
+
+    return FakeBackend(respond, name="fake:loop")
+
+
+@pytest.mark.parametrize("fresh", [True, False])
+def test_no_repeat_replaces_a_repeated_question_and_says_so(fresh):
+    records = [make_record("ann", [("Genre", "Crime."), ("Director", "Billy Wilder.")])]
+    guarded = LLMQuestioner(looping_questioner(fresh), "qa", no_repeat=True)
+    sessions = interview(records, guarded, record_simulator(records), max_questions=3)
+    turns = sessions[0]["turns"]
+    assert turns[0]["question"] == "What kinds of movies do you usually enjoy?" and "guard" not in turns[0]
+    if fresh:
+        assert [t["question"] for t in turns[1:]] == ["Which director number 1000 do you like?",
+                                                       "Which director number 2000 do you like?"]
+        assert turns[1]["guard"] == {"repeat": "What kinds of movies do you usually enjoy?", "replaced": True}
+    else:  # nothing better came up: the model's own question stays, and the session says so
+        assert {t["question"] for t in turns} == {"What kinds of movies do you usually enjoy?"}
+        assert all(t["guard"]["replaced"] is False for t in turns[1:])
+    unguarded = interview(records, LLMQuestioner(looping_questioner(fresh), "qa"), record_simulator(records), max_questions=3)
+    assert all("guard" not in t for t in unguarded[0]["turns"])
+
+
+def test_no_repeat_is_recorded_and_refused_for_the_oracles(tmp_path):
+    forward = write_jsonl(tmp_path / "forward.jsonl", RECORDS)
+    script = tmp_path / "q.json"
+    script.write_text(json.dumps([{"contains": "Ask the next question", "response": "What do you like?"}]
+                                 + simulator_script(RECORDS)))
+    result = run_cli("simulate", forward, "-q", f"fake:{script}", "-s", f"fake:{script}", "-T", "2", "--no-repeat",
+                     "--no-cache")
+    assert result.returncode == 0, result.stderr
+    sessions = [json.loads(line) for line in result.stdout.splitlines()]
+    assert all(s["no_repeat"] is True for s in sessions)
+    assert all(s["turns"][1]["guard"]["replaced"] is False for s in sessions)  # the script has nothing else to say
+    refused = run_cli("simulate", forward, "-q", "oracle", "-s", f"fake:{script}", "--no-repeat", "--no-cache")
+    assert refused.returncode == 2 and "--no-repeat guards a model questioner" in refused.stderr

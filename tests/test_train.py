@@ -16,12 +16,14 @@ from funnelqa.errors import InputError, UsageError
 from funnelqa.training import Trainer, TrainConfig, train
 from funnelqa.training.batching import StepPlan, collate, length_grouped_batches, target_loss_sum
 from funnelqa.training.checkpoint import latest_checkpoint
+from funnelqa.chat_template import encode_chat
 from funnelqa.training.examples import (
     IGNORE_INDEX,
     encode_examples,
+    encode_steps,
+    questioner_conversations,
     read_examples,
     render_example,
-    split_prompt_target,
     split_users,
 )
 from tests.conftest import REPO
@@ -141,9 +143,11 @@ def test_prompt_is_render_through_the_chat_template_and_target_ends_the_turn(tok
     example = corrupt_output(1)[1]  # questioner, step 1: one question already answered
     messages, target = render_example(example, "questioner", "qa")
     assert messages == render.questioner_messages(example["known"], example["history"], "qa")
-    prompt, target_text = split_prompt_target(tokenizer, messages, target)
-    assert prompt == tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    assert target_text == render.questioner_target(example["target"]) + "<|im_end|>\n"
+    chat = encode_chat(tokenizer, [*messages, {"role": "assistant", "content": target}], generation_prompt=False)
+    (start, end), = chat.targets[-1:]
+    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert tokenizer.decode(chat.input_ids[:start]) == prompt
+    assert tokenizer.decode(chat.input_ids[start:end]) == render.questioner_target(example["target"]) + "<|im_end|>\n"
     answers_form, _ = render_example(example, "questioner", "answers")
     assert answers_form == render.questioner_messages(example["known"], example["history"], "answers")
     simulator = next(e for e in corrupt_output(1) if e["role"] == "simulator")
@@ -155,47 +159,119 @@ def test_prompt_is_render_through_the_chat_template_and_target_ends_the_turn(tok
 
 def test_prompt_tokens_carry_no_loss_and_target_tokens_do(tokenizer):
     lines = [e for e in corrupt_output(2) if e["role"] == "questioner"]
-    encoded, stats = encode_examples(tokenizer, lines, "questioner", "qa", max_length=1024)
+    encoded, stats = encode_steps(tokenizer, lines, "questioner", "qa", max_length=1024)
     assert stats.encoded == len(lines) and stats.truncated == 0
     for item, line in zip(encoded, lines):
-        prompt, target = split_prompt_target(tokenizer, *render_example(line, "questioner", "qa"))
-        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        target_ids = tokenizer(target, add_special_tokens=False)["input_ids"]
+        messages, target = render_example(line, "questioner", "qa")
+        prompt_ids = list(encode_chat(tokenizer, messages).input_ids)
         labels = item.labels()
-        assert list(item.input_ids) == prompt_ids + target_ids
+        assert list(item.input_ids[: len(prompt_ids)]) == prompt_ids
         assert labels[: len(prompt_ids)] == [IGNORE_INDEX] * len(prompt_ids)
-        assert labels[len(prompt_ids) :] == target_ids
+        assert tokenizer.decode(labels[len(prompt_ids) :]) == target + "<|im_end|>\n"
     batch = collate(encoded[:4], tokenizer.pad_token_id)
     for row, item in enumerate(encoded[:4]):
         labelled = batch.labels[row][batch.labels[row] != IGNORE_INDEX].tolist()
-        assert labelled == list(item.input_ids[item.prompt_length :])
+        assert labelled == list(item.input_ids[item.first_target :])
         assert batch.attention_mask[row].sum() == len(item)
+
+
+def conversation_data(tmp_path, lines):
+    return read_examples(write_jsonl(tmp_path / "c.jsonl", lines), "questioner")
+
+
+def test_a_conversation_labels_exactly_the_target_tokens_of_its_per_step_examples(tokenizer, tmp_path):
+    lines = corrupt_output(3)
+    # Without unanswerable turns a conversation is every step's prompt at once: same prefixes, same targets.
+    plain = conversation_data(tmp_path, [e for e in lines if not e.get("negative")])
+    steps, _ = encode_steps(tokenizer, plain.examples, "questioner", "qa", max_length=1024)
+    chats, stats = encode_examples(tokenizer, plain, "questioner", "qa", 1024, "conversation")
+    assert stats.conversations == 3 and len(chats) == 3 and not stats.incomplete_users
+    for chat in chats:
+        mine = sorted((e for e in steps if e.user == chat.user), key=len)
+        assert len(chat.targets) == len(mine) == 3
+        for (start, end), step in zip(chat.targets, mine):
+            assert chat.input_ids[start:end] == step.input_ids[step.first_target :]
+            assert chat.input_ids[:start] == step.input_ids[: step.first_target]
+        assert chat.target_length == sum(e.target_length for e in mine)
+        assert len(chat) < sum(len(e) for e in mine)
+    # With corrupt's negatives the questioner also hears "No preference" to questions it is not
+    # trained to ask: the labelled tokens are still exactly the steps' targets, nothing more.
+    negatives = conversation_data(tmp_path, lines)
+    assert negatives.negatives == {f"u{u}": ["Do you like opera?"] for u in range(3)}
+    with_negatives, stats = encode_examples(tokenizer, negatives, "questioner", "qa", 1024, "conversation", seed=1)
+    assert stats.unanswerable_turns == 3
+    for chat in with_negatives:
+        mine = sorted((e for e in steps if e.user == chat.user), key=len)
+        assert [chat.input_ids[a:b] for a, b in chat.targets] == [e.input_ids[e.first_target :] for e in mine]
+        text = tokenizer.decode(chat.input_ids)
+        assert text.count("Do you like opera?") == 1 and text.count(f"user\n{render.NO_PREFERENCE}") == 1
+        assert "Do you like opera?" not in tokenizer.decode([t for a, b in chat.targets for t in chat.input_ids[a:b]])
+
+
+def test_simulator_conversation_reads_the_profile_once_and_trains_every_answer(tokenizer, tmp_path):
+    data = read_examples(write_jsonl(tmp_path / "s.jsonl", corrupt_output(2)), "simulator")
+    steps, _ = encode_steps(tokenizer, data.examples, "simulator", None, max_length=1024)
+    chats, stats = encode_examples(tokenizer, data, "simulator", None, 1024, "conversation")
+    assert len(chats) == 2 and stats.layout == "conversation"
+    for chat in chats:
+        mine = [e for e in steps if e.user == chat.user]
+        assert sorted(chat.input_ids[a:b] for a, b in chat.targets) == sorted(e.input_ids[e.first_target :] for e in mine)
+        assert tokenizer.decode(chat.input_ids).count("Profile:") == 1
+        assert len(chat) < sum(len(e) for e in mine) / 2
+
+
+def test_incomplete_chains_are_reported_not_trained(tmp_path):
+    lines = [e for e in corrupt_output(3) if e["role"] == "questioner"]
+    broken = [e for e in lines if not (e["id"] == "u1" and e["step"] == 1)]
+    changed = [dict(e, target="Something else?") if e["id"] == "u2" and e["step"] == 0 else e for e in broken]
+    data = conversation_data(tmp_path, changed)
+    conversations, incomplete = questioner_conversations(data.examples, {}, seed=0)
+    assert [c.user for c in conversations] == ["u0"] and incomplete == ["u1", "u2"]
+
+
+def test_long_conversations_split_between_turns_and_every_window_repeats_the_system_prompt(tokenizer, tmp_path):
+    data = read_examples(write_jsonl(tmp_path / "s.jsonl", corrupt_output(2)), "simulator")
+    whole, _ = encode_examples(tokenizer, data, "simulator", None, 4096, "conversation")
+    limit = min(len(e) for e in whole) - 20  # one turn less than a whole interview
+    windows, stats = encode_examples(tokenizer, data, "simulator", None, limit, "conversation")
+    assert stats.windows_split == 2 and len(windows) > 2 and stats.dropped_too_long == 0
+    assert all(len(w) <= limit for w in windows)
+    for user in ("u0", "u1"):
+        full = next(e for e in whole if e.user == user)
+        parts = [w for w in windows if w.user == user]
+        assert sorted(w.input_ids[a:b] for w in parts for a, b in w.targets) == sorted(
+            full.input_ids[a:b] for a, b in full.targets
+        )
+        assert all(tokenizer.decode(w.input_ids).count("Profile:") == 1 for w in parts)
 
 
 def test_long_prompts_lose_their_start_and_targets_are_never_cut(tokenizer):
     lines = [e for e in corrupt_output(2) if e["role"] == "simulator"]
-    full, _ = encode_examples(tokenizer, lines, "simulator", None, max_length=4096)
+    full, _ = encode_steps(tokenizer, lines, "simulator", None, max_length=4096)
     longest_target = max(e.target_length for e in full)
     limit = min(len(e) for e in full) - 5
     assert longest_target < limit
-    cut, stats = encode_examples(tokenizer, lines, "simulator", None, max_length=limit)
+    cut, stats = encode_steps(tokenizer, lines, "simulator", None, max_length=limit)
     assert stats.truncated == len(lines) and stats.dropped_too_long == 0
     for whole, short in zip(full, cut):
         assert len(short) == limit and short.truncated
         assert short.input_ids == whole.input_ids[-limit:]
         assert short.target_length == whole.target_length
-    kept, stats = encode_examples(tokenizer, lines, "simulator", None, max_length=longest_target)
+    kept, stats = encode_steps(tokenizer, lines, "simulator", None, max_length=longest_target)
     assert stats.dropped_too_long >= 1
     assert all(e.target_length < longest_target for e in kept)
 
 
-def test_left_padded_batch_loss_equals_the_sum_of_unpadded_losses(tokenizer, tiny):
+def test_left_padded_batch_loss_equals_the_sum_of_unpadded_losses(tokenizer, tiny, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny).eval()
     lines = [e for e in corrupt_output(2) if e["role"] == "simulator"]
-    encoded, _ = encode_examples(tokenizer, lines, "simulator", None, max_length=1024)
+    encoded, _ = encode_steps(tokenizer, lines, "simulator", None, max_length=1024)
+    # Conversations too: several target spans per row, with untrained turns between them.
+    data = read_examples(write_jsonl(tmp_path / "c.jsonl", corrupt_output(2)), "questioner")
+    encoded += encode_examples(tokenizer, data, "questioner", "qa", 1024, "conversation")[0]
     assert len({len(e) for e in encoded}) > 1  # the batch really is padded
     with torch.no_grad():
         batched = target_loss_sum(model, collate(encoded, tokenizer.pad_token_id))
@@ -284,7 +360,8 @@ def test_run_card_and_adapter_files(trained, tiny, examples):
     assert card["role"] == "questioner" and card["profile_form"] == "qa"
     assert card["base"] == f"hf:{tiny}" and card["base_path"] == str(tiny)
     assert card["data"]["sha256"] == read_examples(examples, "questioner").sha256
-    assert card["examples"]["train"] + card["examples"]["eval"] == 36
+    assert card["layout"] == "conversation" and card["examples"]["conversations"] == 12
+    assert card["examples"]["train"] + card["examples"]["eval"] == 12 and card["examples"]["unanswerable_turns"] == 12
     assert card["examples"]["eval_users"] == 2 and card["examples"]["other_roles"] == {"simulator": 48}
     assert card["tokens_per_second"] > 0 and card["wall_seconds"] >= card["train_seconds"] > 0
 
@@ -313,10 +390,7 @@ def test_saved_adapter_loads_through_the_hf_backend_and_answers_like_the_trained
     backend = load_backend(f"hf:{tiny}+{trainer.config.out}", BackendOptions(device="cpu", dtype="float32"))
     for line in corrupt_output(2, seed=5)[:3]:
         messages, _ = render_example(line, "questioner", "qa")
-        prompt = tokenizer(
-            tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
-            add_special_tokens=False, return_tensors="pt",
-        )
+        prompt = {"input_ids": torch.tensor([encode_chat(tokenizer, messages).input_ids])}
         with torch.no_grad():
             output = model.generate(
                 **prompt, max_new_tokens=12, do_sample=False,
@@ -412,7 +486,7 @@ def test_cli_trains_from_stdin_and_prints_the_run_card_as_one_json_line(tiny, ex
     lines = result.stdout.splitlines()
     assert len(lines) == 1
     card = json.loads(lines[0])
-    assert card["profile_form"] == "answers" and card["steps"] == 2
+    assert card["profile_form"] == "answers" and card["steps"] == 2 and card["layout"] == "steps"
     assert card["data"] == {"source": "<stdin>", "sha256": read_examples(examples, "questioner").sha256}
     assert card["options"]["lora_r"] == 16 and card["options"]["lr"] == 1e-3
 
@@ -458,3 +532,32 @@ def test_gradient_checkpointing_recomputes_the_same_gradients(tiny, examples, tm
     recomputed = load_file(tmp_path / "gc" / "adapter_model.safetensors")
     for name in plain:
         assert (plain[name] - recomputed[name]).abs().max() < 1e-5, name
+
+
+# ---- training and inference see the same tokens ----
+
+def test_simulate_prompts_are_the_training_conversations_token_for_token(tiny, tmp_path):
+    """At turn t, the questioner's and the simulator's prompts in `simulate` are the tokens that
+    precede target t in the training conversation of that user."""
+    from funnelqa.backends import BackendOptions, load_backend
+    from funnelqa.questioners import LLMQuestioner
+    from funnelqa.simulate import Interview, UserSimulator
+
+    lines = [e for e in corrupt_output(1) if not e.get("negative")]
+    backend = load_backend(f"hf:{tiny}", BackendOptions(device="cpu", dtype="float32"))
+    tokenizer = backend.tokenizer
+    profile = lines[-1]["profile_tags"]
+    questions = [(q, t["content"], [t["tag"]]) for (q, _), t in zip(QUESTIONS, profile)]
+    record = {"id": "u0", "tags": profile,
+              "questions": [{"question": q, "answer": a, "tags": tags} for q, a, tags in questions]}
+    for role, ask in (("questioner", LLMQuestioner(backend, "qa")), ("simulator", UserSimulator(backend))):
+        data = read_examples(write_jsonl(tmp_path / f"{role}.jsonl", lines), role)
+        chat, = encode_examples(tokenizer, data, role, "qa" if role == "questioner" else None, 4096, "conversation")[0]
+        for t in range(len(questions)):
+            interview = Interview(record)
+            for q, a, tags in questions[:t]:
+                interview.add_turn(q, a, tags, raw=None)
+            request = ask.request(interview) if role == "questioner" else ask.request(interview, questions[t][0])
+            prompt = backend.encode(request)
+            assert prompt == list(chat.input_ids[: chat.targets[t][0]]), (role, t)
+    backend.close()

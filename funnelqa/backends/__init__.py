@@ -154,7 +154,10 @@ def load_backend(spec: str, options: BackendOptions | None = None) -> Backend:
     module_name, _, class_name = REGISTRY[name].partition(":")
     cls = getattr(importlib.import_module(module_name), class_name)
     backend = cls.from_spec(arg, options or BackendOptions())
-    backend.spec = spec
+    from funnelqa.redact import redact
+
+    # The spec is shown, stored in sessions and keys the cache: a key written into its URL must not be.
+    backend.spec = redact(spec)
     return backend
 
 

@@ -2,6 +2,8 @@
 
 ``fake:SCRIPT.json`` reads a list of rules, tried in order against the whole prompt text:
 ``{"contains": "text", "response": "answer"}`` always gives the same answer;
+``{"last": "text", ...}`` matches only the last message (the question a simulated user is asked,
+not the earlier turns of its conversation); ``contains`` and ``last`` may be combined;
 ``{"contains": "text", "responses": ["a", "b"]}`` gives them in turn (a queue, last one repeats).
 A rule without ``contains`` matches everything; an answer that is not a string is sent as JSON.
 In Python, ``FakeBackend(responder)`` takes a function of the Request instead.
@@ -69,7 +71,7 @@ def scripted(rules: list[dict[str, Any]]) -> Callable[[Request], str]:
     def respond(request: Request) -> str:
         text = prompt_text(request)
         for rule, queue in zip(rules, queues):
-            if rule.get("contains", "") not in text:
+            if rule.get("contains", "") not in text or rule.get("last", "") not in request.messages[-1]["content"]:
                 continue
             if "response" in rule:
                 return _as_text(rule["response"])

@@ -1,8 +1,9 @@
 """transformers backend: ``hf:PATH[+ADAPTER]`` (a model directory or a .gguf file, optionally with a
 peft adapter). Batched generation with our own decoding loop; prompts built with the model's chat
-template. The states of prompt prefixes are kept between calls (``prefix_cache``), so a prompt
-that starts like an earlier one (the same profile, the same conversation one turn longer) only
-reads its new tokens; rows leave the batch as they finish.
+template by funnelqa.chat_template, exactly as training builds them. The states of prompt
+prefixes are kept between calls (``prefix_cache``), so a prompt that starts like an earlier one
+(the same profile, the same conversation one turn longer) only reads its new tokens; rows leave
+the batch as they finish.
 
 ``json_schema`` is not enforced: the prompts already ask for JSON and ``render.extract_json``
 tolerates chatter around it, while constrained decoding would cost more than these models gain.
@@ -14,8 +15,9 @@ import os
 from collections.abc import Sequence
 
 from funnelqa import models
-from funnelqa.backends import Backend, BackendOptions, Request
+from funnelqa.backends import Answer, Backend, BackendOptions, Request
 from funnelqa.backends.prefix_cache import PrefixCache
+from funnelqa.chat_template import TemplateError, encode_chat
 from funnelqa.errors import BackendError
 
 
@@ -63,25 +65,23 @@ class HFBackend(Backend):
     def cache_id(self) -> str:
         return self._cache_id
 
-    def render(self, request: Request) -> str:
+    def encode(self, request: Request) -> list[int]:
+        """The prompt's token ids, built by the function training uses (funnelqa.chat_template)."""
         try:
-            return self.tokenizer.apply_chat_template(
-                [dict(m) for m in request.messages], tokenize=False, add_generation_prompt=True
-            )
-        except Exception as exc:  # jinja raises its own errors (e.g. a template that rejects a role)
-            raise BackendError(f"{self.spec}: the chat template cannot render this request: {exc}") from None
+            return list(encode_chat(self.tokenizer, request.messages).input_ids)
+        except TemplateError as exc:
+            raise BackendError(f"{self.spec}: {exc}") from None
 
     def generate(self, requests: Sequence[Request]) -> list[str]:
         import torch
 
         if not requests:
             return []
-        prompts = [self.render(r) for r in requests]
-        # Templates already contain the special tokens they want (e.g. Gemma's <bos>).
-        encoded = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
+        encoded = [self.encode(r) for r in requests]
         # Similar lengths in one batch waste less compute on padding.
         order = sorted(range(len(requests)), key=lambda i: len(encoded[i]))
         answers = [""] * len(requests)
+        order = self._within_context(order, encoded, answers)
         with torch.inference_mode():
             for start in range(0, len(order), self.batch_size):
                 chunk = order[start : start + self.batch_size]
@@ -89,6 +89,36 @@ class HFBackend(Backend):
                 for i, text in zip(chunk, texts):
                     answers[i] = text
         return answers
+
+    def context_length(self) -> int | None:
+        """Positions the model was built for (its config's ``max_position_embeddings``), or None."""
+        config = self.model.config
+        config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+            value = getattr(config, name, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return None
+
+    def _within_context(self, order: list[int], encoded: list[list[int]], answers: list[str]) -> list[int]:
+        """``order`` without the prompts beyond the context, whose ``answers`` become failed Answers."""
+        kept = []
+        for i in order:
+            failed = self.over_context(len(encoded[i]))
+            if failed is None:
+                kept.append(i)
+            else:
+                answers[i] = failed
+        return kept
+
+    def over_context(self, prompt_tokens: int) -> Answer | None:
+        """A failed Answer when a prompt leaves no room to answer within the context: beyond it
+        the model reads positions it never learned and writes garbage, so it is not asked."""
+        limit = self.context_length()
+        if limit is None or prompt_tokens < limit:
+            return None
+        return Answer("", finish="failed", detail=f"the prompt is {prompt_tokens} tokens, more than the model's "
+                                                  f"context of {limit} tokens ({self.spec}); shorten the input")
 
     def _generate_batch(self, token_ids: list[list[int]], requests: list[Request]) -> list[str]:
         """Greedy (or per-request sampled) decoding of one batch, with our own loop rather than

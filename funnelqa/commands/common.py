@@ -10,6 +10,7 @@ from typing import Any, Optional
 import typer
 
 from funnelqa.errors import FunnelQAError
+from funnelqa.redact import redact
 
 INPUT = typer.Argument("-", help="JSONL input: a path, or '-' for stdin.", show_default=True)
 OUT = typer.Option(None, "--out", "-o", help="Write here (atomically, resumable) instead of stdout.")
@@ -43,7 +44,7 @@ def run(action: Callable[[], Any]) -> Any:
     try:
         return action()
     except FunnelQAError as exc:
-        print(f"funnelqa: error: {exc}", file=sys.stderr)
+        print(f"funnelqa: error: {redact(str(exc))}", file=sys.stderr)
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         print("funnelqa: interrupted; finished records are kept, re-run to resume", file=sys.stderr)

@@ -17,12 +17,17 @@ def register(app: typer.Typer) -> None:
         plots: Optional[Path] = typer.Option(None, "--plots", help="Write PNG plots (paper Figs. 3, 4, 7) into this folder."),
         out: Optional[Path] = common.OUT,
         seed: int = typer.Option(0, "--seed", help="Seed of the ROUGE bootstrap (as evaluate's BootstrapAggregator)."),
+        rouge_tokenizer: str = typer.Option(
+            "auto", "--rouge-tokenizer",
+            help="default (rouge_score's, as evaluate: keeps a-z and digits only), unicode (letters of every script), "
+            "or auto: unicode for the sessions whose text has non-Latin letters. The output names the one used.",
+        ),
     ) -> None:
         """Score each session file (one system); print a comparison table on stderr and one JSON object per system."""
 
         def action() -> None:
             from funnelqa.score import score_files
 
-            score_files(sessions, plots_dir=plots, out=common.out_path(out), seed=seed)
+            score_files(sessions, plots_dir=plots, out=common.out_path(out), seed=seed, rouge_tokenizer=rouge_tokenizer)
 
         common.run(action)

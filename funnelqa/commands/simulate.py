@@ -27,6 +27,11 @@ def register(app: typer.Typer) -> None:
         ),
         seed: int = typer.Option(0, "--seed", help="Order of the questions for 'oracle-shuffled'."),
         limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Interview only the first N users."),
+        no_repeat: bool = typer.Option(
+            False, "--no-repeat",
+            help="Guard a model questioner against repeating itself: a question that near-duplicates an earlier one "
+            "of the interview is replaced by the first of 4 seeded samples that does not. Recorded per turn ('guard').",
+        ),
         out: Optional[Path] = common.OUT,
         skip_invalid: bool = common.SKIP_INVALID,
         no_cache: bool = common.NO_CACHE,
@@ -56,6 +61,7 @@ def register(app: typer.Typer) -> None:
                 seed=seed,
                 limit=limit,
                 skip_invalid=skip_invalid,
+                no_repeat=no_repeat,
             )
 
         common.run(action)

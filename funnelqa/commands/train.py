@@ -56,6 +56,7 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0, "--seed", help="Seed for the split, the data order, LoRA init and dropout."),
         precision: str = typer.Option("auto", "--precision", help="auto (bf16 on a GPU that supports it, else fp32), fp32 or bf16."),
         gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", help="Recompute activations in the backward pass: much less memory, about a third more compute."),
+        layout: str = typer.Option("auto", "--layout", help="conversation: one chat sequence per user, loss on every assistant turn; steps: one sequence per example; auto: conversation except for --profile-form answers."),
     ) -> dict:
         return dict(
             examples=examples, out=out, base=base, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
@@ -63,7 +64,7 @@ def register(app: typer.Typer) -> None:
             weight_decay=weight_decay, max_grad_norm=max_grad_norm, batch_size=batch_size, grad_accum=grad_accum,
             epochs=epochs, max_steps=max_steps, max_length=max_length, eval_fraction=eval_fraction,
             eval_every=eval_every, save_every=save_every, resume=resume, seed=seed, precision=precision,
-            gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing=gradient_checkpointing, layout=layout,
         )
 
     # typer reads options from a function's signature; both commands share one list of them.

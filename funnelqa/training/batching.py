@@ -5,9 +5,9 @@ micro-batches, and the micro-batches shuffled again: neighbours in a batch have 
 yet every epoch sees a different order. Because the order is a pure function of (seed, epoch),
 a resumed run finds its place again from the step number alone.
 
-Sequences are padded on the LEFT, so every target ends at the last position of its row; the model
-then computes logits only for the last ``keep + 1`` positions (``logits_to_keep``), never for the
-prompt, whose tokens carry no loss anyway.
+Sequences are padded on the LEFT, so positions count from each row's first real token; logits are
+computed only where a target token is predicted (``target_loss_sum``), never for prompt tokens,
+which carry no loss anyway.
 """
 
 from __future__ import annotations
@@ -70,18 +70,17 @@ class StepPlan:
 
 @dataclass
 class Batch:
-    input_ids: "torch.Tensor"  # noqa: F821 (torch is imported lazily)
-    attention_mask: "torch.Tensor"  # noqa: F821
-    position_ids: "torch.Tensor"  # noqa: F821
-    labels: "torch.Tensor"  # noqa: F821
-    keep: int  # the longest target in the batch: only the last keep positions carry labels
+    input_ids: "torch.Tensor"  # noqa: F821 (torch is imported lazily)  [rows, width]
+    attention_mask: "torch.Tensor"  # noqa: F821  [rows, width]
+    position_ids: "torch.Tensor"  # noqa: F821  [rows, width]
+    labels: "torch.Tensor"  # noqa: F821  [rows, width], IGNORE_INDEX where no loss
     tokens: int  # real (non-padding) tokens
     target_tokens: int
 
     def to(self, device) -> Batch:
         return Batch(
             self.input_ids.to(device), self.attention_mask.to(device), self.position_ids.to(device),
-            self.labels.to(device), self.keep, self.tokens, self.target_tokens,
+            self.labels.to(device), self.tokens, self.target_tokens,
         )
 
 
@@ -104,26 +103,39 @@ def collate(items: Sequence[Encoded], pad_id: int) -> Batch:
         attention_mask=attention_mask,
         position_ids=position_ids,
         labels=labels,
-        keep=max(item.target_length for item in items),
         tokens=sum(len(item) for item in items),
         target_tokens=sum(item.target_length for item in items),
     )
 
 
 def target_loss_sum(model, batch: Batch):
-    """Summed cross-entropy over the target tokens of ``batch`` (a 0-dim tensor)."""
+    """Summed cross-entropy over the target tokens of ``batch`` (a 0-dim tensor).
+
+    Logits are computed only at the positions that predict a target token: a forward pre-hook on
+    the output layer hands it just those hidden states ([1, targets, hidden]). A conversation has
+    its targets spread over the whole sequence, and full logits (rows x width x vocabulary, 49k
+    for SmolLM2) would cost more memory than the model. The forward still goes through ``model``
+    itself, so data-parallel wrappers see an ordinary call.
+    """
     import torch.nn.functional as F
 
-    output = model(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        position_ids=batch.position_ids,
-        logits_to_keep=batch.keep + 1,
-        use_cache=False,
+    # Logits at position p predict token p + 1.
+    predicts = batch.labels[:, 1:] != IGNORE_INDEX
+    chosen = predicts.new_zeros(batch.labels.shape)
+    chosen[:, :-1] = predicts
+    inner = getattr(model, "module", model)  # DistributedDataParallel keeps the model in .module
+    hook = inner.get_output_embeddings().register_forward_pre_hook(
+        lambda module, args: (args[0][chosen].unsqueeze(0), *args[1:])
     )
-    # Logits at position p predict token p + 1: the last keep + 1 positions predict the last keep tokens.
-    logits = output.logits[:, -(batch.keep + 1) : -1, :]
-    labels = batch.labels[:, -batch.keep :]
-    return F.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
+    try:
+        output = model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+            logits_to_keep=0,
+            use_cache=False,
+        )
+    finally:
+        hook.remove()
+    logits = output.logits[0]
+    return F.cross_entropy(logits.float(), batch.labels[:, 1:][predicts], reduction="sum")

@@ -13,13 +13,14 @@ from funnelqa.render import PROFILE_FORMS
 ROLES = ("questioner", "simulator")
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("auto", "fp32", "bf16")
+LAYOUTS = ("auto", "conversation", "steps")
 
 # Options that change the result of every step; a resumed run must keep them, or its
 # checkpoint would continue a different run. The rest (how often to save or evaluate) may change.
 RESUME_MUST_MATCH = (
     "role", "base", "profile_form", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "lr", "schedule",
     "warmup_ratio", "weight_decay", "max_grad_norm", "batch_size", "grad_accum", "epochs", "max_steps",
-    "max_length", "eval_fraction", "seed", "precision",
+    "max_length", "eval_fraction", "seed", "precision", "layout",
 )
 
 
@@ -52,6 +53,9 @@ class TrainConfig:
     precision: str = "auto"
     # Recompute activations in the backward pass: far less memory for about a third more compute.
     gradient_checkpointing: bool = False
+    # How examples become sequences: one chat per user (conversation) or one per step (steps);
+    # auto: conversation, except the questioner's 'answers' form (training.examples).
+    layout: str = "auto"
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
@@ -64,6 +68,10 @@ class TrainConfig:
             self.profile_form = None
         if self.schedule not in SCHEDULES:
             raise UsageError(f"--schedule must be one of {', '.join(SCHEDULES)}, not {self.schedule!r}")
+        if self.layout not in LAYOUTS:
+            raise UsageError(f"--layout must be one of {', '.join(LAYOUTS)}, not {self.layout!r}")
+        if self.layout == "conversation" and self.profile_form == "answers":
+            raise UsageError("--layout conversation needs --profile-form qa: the 'answers' prompts are not one conversation")
         if self.precision not in PRECISIONS:
             raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
         positive = {"lora_r": self.lora_r, "batch_size": self.batch_size, "grad_accum": self.grad_accum,

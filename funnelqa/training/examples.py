@@ -1,8 +1,16 @@
-"""Training examples from `funnelqa corrupt`: read, rendered by funnelqa.render, tokenized, split by user.
+"""Training sequences from `funnelqa corrupt`: read, rendered by funnelqa.render, tokenized, split by user.
 
-The prompt is the model's chat template applied to render's messages with the generation prompt;
-the target is what the template adds after it for the assistant turn (the answer text and the
-end-of-turn marker), so the model learns to stop where inference expects it to.
+Two layouts of the same examples (corrupt's per-step records, Eq. 8 and 10, are the contract):
+- ``conversation``: each user's steps are chained back into the interview they came from, and the
+  interview is ONE chat sequence with loss on every assistant turn (paper Eq. 5: for the ``qa``
+  form, P_t is exactly the conversation before Q_t, so the conditionals are those of the steps).
+  The profile (simulator) or the early turns (questioner) are read once per user, not once per
+  step: 5-7x fewer tokens per epoch on the MovieLens data.
+- ``steps``: one sequence per corrupt record, the prompt then the target. The ``answers`` form
+  needs it: JP_t is rewritten every step, so its prompts are not one conversation.
+A target is the assistant turn as the chat template writes it (text and end-of-turn marker), so
+the model learns to stop where inference expects it to; tokens come from funnelqa.chat_template,
+the same function the hf backend prompts with.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from funnelqa import render
+from funnelqa.chat_template import encode_chat
 from funnelqa.errors import InputError, UsageError
 from funnelqa.records import Record, read_records, source_name
 
@@ -63,7 +72,7 @@ CHECKS = {"questioner": check_questioner_example, "simulator": check_simulator_e
 
 
 def render_example(record: Record, role: str, profile_form: str | None) -> tuple[list[dict[str, str]], str]:
-    """(chat messages, target text) for one example, through funnelqa.render only."""
+    """(chat messages, target text) for one per-step example, through funnelqa.render only."""
     if role == "questioner":
         messages = render.questioner_messages(record["known"], record["history"], profile_form or "qa")
         return messages, render.questioner_target(record["target"])
@@ -82,6 +91,9 @@ class ExampleSet:
     sha256: str
     examples: list[Record]
     other_roles: Counter = field(default_factory=Counter)
+    # Questioner only: each user's unanswerable questions (corrupt's simulator negatives), which
+    # conversation training puts into the interview answered "No preference", without loss.
+    negatives: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def users(self) -> list[str]:
@@ -135,6 +147,7 @@ def _read_file(path: Path, name: str, role: str) -> ExampleSet:
         if record["role"] == role:
             check(record)
 
+    negatives: dict[str, list[str]] = {}
     for record in read_records(path, validate, allow_duplicate_ids=True):
         if "error" in record:
             continue  # a failure an earlier stage kept visible; there is nothing to learn from it
@@ -142,11 +155,15 @@ def _read_file(path: Path, name: str, role: str) -> ExampleSet:
             examples.append(record)
         else:
             other[record["role"]] += 1
+            question = record.get("question")
+            if record["role"] == "simulator" and record.get("negative") is True and isinstance(question, str) and question.strip():
+                negatives.setdefault(str(record["id"]), []).append(question)
     if not examples:
         found = ", ".join(f"{n} {r}" for r, n in other.most_common()) or "no examples at all"
         hint = f"; use train-{other.most_common(1)[0][0]}" if other and other.most_common(1)[0][0] in CHECKS else ""
         raise InputError(name, None, f"holds no {role} examples (found {found}){hint}")
-    return ExampleSet(source=name, sha256=file_sha256(path), examples=examples, other_roles=other)
+    return ExampleSet(source=name, sha256=file_sha256(path), examples=examples, other_roles=other,
+                      negatives=negatives if role == "questioner" else {})
 
 
 # ---- the held-out split ----
@@ -161,73 +178,223 @@ def split_users(users: Sequence[str], eval_fraction: float, seed: int) -> tuple[
     return set(ordered[n_eval:]), set(ordered[:n_eval])
 
 
+# ---- layouts ----
+
+LAYOUTS = ("conversation", "steps")
+
+
+def default_layout(role: str, profile_form: str | None) -> str:
+    """``conversation`` wherever the prompts of a user's steps form one chat; ``answers`` does not."""
+    return "steps" if role == "questioner" and profile_form == "answers" else "conversation"
+
+
+@dataclass
+class Conversation:
+    """One user's interview rebuilt from corrupt's per-step records, as funnelqa.render chats it.
+
+    ``turns``: ``{"question", "answer"[, "tags"]}`` in interview order (a questioner chain's last
+    turn has no answer: it is the last target); ``trained``: per turn, whether its assistant
+    message carries loss (the questioner's inserted unanswerable questions do not).
+    """
+
+    user: str
+    role: str
+    turns: list[dict[str, Any]]
+    trained: list[bool]
+    profile_tags: list[dict[str, str]] = field(default_factory=list)
+
+    def messages(self, start: int = 0, end: int | None = None) -> tuple[list[dict[str, str]], list[int]]:
+        """The chat of turns[start:end] and the indices of its trained assistant messages. A
+        window ends on an assistant message: an answer after the last target teaches nothing."""
+        end = len(self.turns) if end is None else end
+        turns = [dict(t) for t in self.turns[start:end]]
+        if self.role == "questioner":
+            turns[-1].pop("answer", None)
+            messages = render.questioner_conversation(turns)
+        else:
+            messages = render.simulator_conversation(self.profile_tags, turns)
+        assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        return messages, [i for i, keep in zip(assistant, self.trained[start:end]) if keep]
+
+
+def _insert(turns: list[dict[str, Any]], trained: list[bool], extra: list[dict[str, Any]], *, train: bool,
+            rng: random.Random, last: int) -> None:
+    """Put each of ``extra`` before a seeded one of the first ``last + 1`` turns."""
+    for turn in extra:
+        position = rng.randint(0, last)
+        turns.insert(position, turn)
+        trained.insert(position, train)
+        last += 1
+
+
+def questioner_conversations(examples: Sequence[Record], negatives: dict[str, list[str]], seed: int
+                             ) -> tuple[list[Conversation], list[str]]:
+    """(conversations, users whose chain of steps is incomplete or inconsistent). A chain is
+    complete when steps 0..n-1 are all there and each step's history is the last step's, cut."""
+    by_user: dict[str, list[Record]] = {}
+    for record in examples:
+        by_user.setdefault(str(record["id"]), []).append(record)
+    conversations, incomplete = [], []
+    for user, steps in by_user.items():
+        steps = sorted(steps, key=lambda r: r.get("step", -1))
+        last = steps[-1]
+        chain = [{"question": h["question"], "answer": h["answer"]} for h in last["history"]]
+        chain.append({"question": last["target"]})
+        consistent = [r.get("step") for r in steps] == list(range(len(chain))) and all(
+            [{"question": h["question"], "answer": h["answer"]} for h in r["history"]] == chain[: r["step"]]
+            and r["target"] == chain[r["step"]]["question"]
+            for r in steps
+        )
+        if not consistent:
+            incomplete.append(user)
+            continue
+        trained = [True] * len(chain)
+        unanswerable = [{"question": q, "answer": render.NO_PREFERENCE} for q in sorted(set(negatives.get(user, [])))]
+        # Never after the last target: the point is what to ask after an unanswered question.
+        _insert(chain, trained, unanswerable, train=False, rng=random.Random(f"negatives:{seed}:{user}"),
+                last=len(chain) - 1)
+        conversations.append(Conversation(user, "questioner", chain, trained))
+    return conversations, incomplete
+
+
+def simulator_conversations(examples: Sequence[Record], seed: int) -> tuple[list[Conversation], list[str]]:
+    """(conversations, users whose examples disagree on the profile). Answered questions keep
+    corrupt's order (the funnel); the "No preference" negatives go in at seeded places."""
+    by_user: dict[str, list[Record]] = {}
+    for record in examples:
+        by_user.setdefault(str(record["id"]), []).append(record)
+    conversations, inconsistent = [], []
+    for user, rows in by_user.items():
+        profile = rows[0]["profile_tags"]
+        if any(r["profile_tags"] != profile for r in rows):
+            inconsistent.append(user)
+            continue
+        positives = [r for r in rows if not r.get("negative")]
+        turns = [{"question": r["question"], "answer": r["answer"], "tags": list(r["tags"])} for r in positives]
+        trained = [True] * len(turns)
+        extra = [{"question": r["question"], "answer": r["answer"], "tags": list(r["tags"])}
+                 for r in rows if r.get("negative")]
+        _insert(turns, trained, extra, train=True, rng=random.Random(f"negatives:{seed}:{user}"),
+                last=len(turns))
+        conversations.append(Conversation(user, "simulator", turns, trained, profile_tags=profile))
+    return conversations, inconsistent
+
+
 # ---- tokenization ----
 
 @dataclass(frozen=True)
 class Encoded:
-    """One tokenized example: the first ``prompt_length`` tokens carry no loss."""
+    """One tokenized training sequence of one user: ``input_ids`` shape [tokens]; loss falls on
+    the ``targets`` spans (start, end) only."""
 
     input_ids: tuple[int, ...]
-    prompt_length: int
+    targets: tuple[tuple[int, int], ...]
     user: str
-    truncated: bool
+    truncated: bool = False
 
     def __len__(self) -> int:
         return len(self.input_ids)
 
     @property
     def target_length(self) -> int:
-        return len(self.input_ids) - self.prompt_length
+        return sum(end - start for start, end in self.targets)
+
+    @property
+    def first_target(self) -> int:
+        return self.targets[0][0]
 
     def labels(self) -> list[int]:
-        return [IGNORE_INDEX] * self.prompt_length + list(self.input_ids[self.prompt_length :])
-
-
-def chat_prompt(tokenizer: Any, messages: Sequence[dict[str, str]]) -> str:
-    """The text the model sees before it answers; inference must build its prompt the same way."""
-    if not getattr(tokenizer, "chat_template", None):
-        raise UsageError("the base model's tokenizer has no chat template; train from an instruction-tuned model")
-    return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
-
-
-def split_prompt_target(tokenizer: Any, messages: Sequence[dict[str, str]], target: str) -> tuple[str, str]:
-    """(prompt text, target text), where target text is everything the template writes for the answer."""
-    prompt = chat_prompt(tokenizer, messages)
-    full = tokenizer.apply_chat_template(
-        [*messages, {"role": "assistant", "content": target}], tokenize=False, add_generation_prompt=False
-    )
-    if full.startswith(prompt) and len(full) > len(prompt):
-        return prompt, full[len(prompt) :]
-    # A template that rewrites earlier turns once an answer follows: end the target with EOS ourselves.
-    return prompt, target + (tokenizer.eos_token or "")
+        labels = [IGNORE_INDEX] * len(self.input_ids)
+        for start, end in self.targets:
+            labels[start:end] = self.input_ids[start:end]
+        return labels
 
 
 @dataclass
 class EncodeStats:
+    layout: str = "steps"
     encoded: int = 0
     truncated: int = 0
     dropped_too_long: int = 0
+    conversations: int = 0
+    incomplete_users: list[str] = field(default_factory=list)
+    windows_split: int = 0  # conversations longer than --max-length, cut into windows between turns
+    unanswerable_turns: int = 0  # questioner: inserted "No preference" turns (no loss)
 
 
-def encode_examples(
-    tokenizer: Any, examples: Sequence[Record], role: str, profile_form: str | None, max_length: int
-) -> tuple[list[Encoded], EncodeStats]:
-    """Tokenize every example. A prompt too long for ``max_length`` loses tokens from its start; an
+def encode_steps(tokenizer: Any, examples: Sequence[Record], role: str, profile_form: str | None,
+                 max_length: int) -> tuple[list[Encoded], EncodeStats]:
+    """One sequence per example. A prompt too long for ``max_length`` loses tokens from its start; an
     example whose target alone does not fit is dropped, because a cut target teaches a wrong answer."""
-    pairs = [split_prompt_target(tokenizer, *render_example(r, role, profile_form)) for r in examples]
-    # Prompt and target are tokenized apart, as at inference, where the model continues the prompt's tokens.
-    prompt_ids = tokenizer([p for p, _ in pairs], add_special_tokens=False)["input_ids"]
-    target_ids = tokenizer([t for _, t in pairs], add_special_tokens=False)["input_ids"]
-    stats = EncodeStats()
+    stats = EncodeStats(layout="steps")
     encoded: list[Encoded] = []
-    for record, prompt, target in zip(examples, prompt_ids, target_ids):
-        if len(target) >= max_length:
+    for record in examples:
+        messages, target = render_example(record, role, profile_form)
+        chat = encode_chat(tokenizer, [*messages, {"role": "assistant", "content": target}], generation_prompt=False)
+        (start, end), = chat.targets[-1:]
+        if end - start >= max_length:
             stats.dropped_too_long += 1
             continue
-        room = max_length - len(target)
-        truncated = len(prompt) > room
-        prompt = prompt[len(prompt) - room :] if truncated else prompt
-        stats.truncated += truncated
-        encoded.append(Encoded(tuple(prompt) + tuple(target), len(prompt), str(record["id"]), truncated))
+        ids = chat.input_ids[:end]
+        cut = max(0, len(ids) - max_length)
+        stats.truncated += cut > 0
+        encoded.append(Encoded(ids[cut:], ((start - cut, end - cut),), str(record["id"]), cut > 0))
     stats.encoded = len(encoded)
     return encoded, stats
+
+
+def encode_conversations(tokenizer: Any, conversations: Sequence[Conversation], max_length: int,
+                         stats: EncodeStats) -> list[Encoded]:
+    """One sequence per conversation; one longer than ``max_length`` is cut between turns into
+    windows that each start with the system prompt again. A turn too long for a window alone is dropped."""
+    encoded: list[Encoded] = []
+
+    def encode(conversation: Conversation, start: int, end: int) -> Encoded | None:
+        messages, targets = conversation.messages(start, end)
+        chat = encode_chat(tokenizer, messages, generation_prompt=False, targets=targets)
+        if not chat.targets:
+            return None
+        return Encoded(chat.input_ids[: chat.targets[-1][1]], chat.targets, conversation.user)
+
+    for conversation in conversations:
+        stats.conversations += 1
+        stats.unanswerable_turns += conversation.trained.count(False) if conversation.role == "questioner" else 0
+        whole = encode(conversation, 0, len(conversation.turns))
+        if whole is None:
+            continue
+        if len(whole) <= max_length:
+            encoded.append(whole)
+            continue
+        stats.windows_split += 1
+        start = 0
+        while start < len(conversation.turns):
+            best, end = None, start
+            while end < len(conversation.turns):
+                window = encode(conversation, start, end + 1)
+                if window is not None and len(window) > max_length:
+                    break
+                best, end = window or best, end + 1
+            if end == start:  # this turn alone does not fit
+                stats.dropped_too_long += conversation.trained[start]
+                start += 1
+                continue
+            if best is not None:
+                encoded.append(best)
+            start = end
+    stats.encoded = len(encoded)
+    return encoded
+
+
+def encode_examples(tokenizer: Any, data: ExampleSet, role: str, profile_form: str | None, max_length: int,
+                    layout: str, seed: int = 0) -> tuple[list[Encoded], EncodeStats]:
+    """Tokenize ``data`` in ``layout`` (see the module docstring)."""
+    if layout == "steps":
+        return encode_steps(tokenizer, data.examples, role, profile_form, max_length)
+    if role == "questioner" and profile_form != "qa":
+        raise UsageError("--layout conversation needs --profile-form qa: the 'answers' prompts are not one conversation")
+    stats = EncodeStats(layout="conversation")
+    if role == "questioner":
+        conversations, stats.incomplete_users = questioner_conversations(data.examples, data.negatives, seed)
+    else:
+        conversations, stats.incomplete_users = simulator_conversations(data.examples, seed)
+    return encode_conversations(tokenizer, conversations, max_length, stats), stats

@@ -26,7 +26,7 @@ from funnelqa.records import write_json_atomic
 from funnelqa.training.batching import StepPlan, collate, length_grouped_batches, target_loss_sum
 from funnelqa.training.checkpoint import latest_checkpoint, load_checkpoint, read_state, save_checkpoint
 from funnelqa.training.config import TrainConfig
-from funnelqa.training.examples import Encoded, encode_examples, read_examples, split_users
+from funnelqa.training.examples import Encoded, default_layout, encode_examples, read_examples, split_users
 
 RUN_CARD = "run_card.json"
 # The final train loss is the token-weighted mean over this many last steps: one step is noisy.
@@ -223,13 +223,20 @@ class Trainer:
         model.train()
 
         self.train_users, self.eval_users = split_users(self.data.users, config.eval_fraction, config.seed)
+        self.layout = config.layout if config.layout != "auto" else default_layout(config.role, config.profile_form)
         encoded, self.encode_stats = encode_examples(
-            self.tokenizer, self.data.examples, config.role, config.profile_form, config.max_length
+            self.tokenizer, self.data, config.role, config.profile_form, config.max_length, self.layout, config.seed
         )
         self.train_set = [e for e in encoded if e.user in self.train_users]
         self.eval_set = [e for e in encoded if e.user in self.eval_users]
         if not self.train_set:
             raise UsageError(f"no training example fits --max-length {config.max_length}; raise it")
+        if self.is_main and self.encode_stats.incomplete_users:
+            users = self.encode_stats.incomplete_users
+            stderr.print(
+                f"[yellow]{len(users)} user(s) left out: their steps do not chain into one interview "
+                f"(missing or inconsistent steps): {', '.join(users[:5])}{' ...' if len(users) > 5 else ''}"
+            )
         if self.is_main and self.encode_stats.truncated:
             stderr.print(f"[yellow]{self.encode_stats.truncated} prompt(s) longer than --max-length lost their start")
         if self.is_main and self.encode_stats.dropped_too_long:
@@ -381,6 +388,7 @@ class Trainer:
             "base_path": str(self.base_path),
             "profile_form": config.profile_form,
             "data": {"source": self.data.source, "sha256": self.data.sha256},
+            "layout": self.layout,
             "examples": {
                 "train": len(self.train_set),
                 "eval": len(self.eval_set),
@@ -388,6 +396,12 @@ class Trainer:
                 "eval_users": len(self.eval_users),
                 "truncated": stats.truncated,
                 "dropped_too_long": stats.dropped_too_long,
+                "conversations": stats.conversations if self.layout == "conversation" else None,
+                "windows_split": stats.windows_split if self.layout == "conversation" else None,
+                "incomplete_users": stats.incomplete_users,
+                "unanswerable_turns": stats.unanswerable_turns if config.role == "questioner" else None,
+                "target_tokens": sum(e.target_length for e in self.train_set),
+                "tokens_per_epoch": sum(len(e) for e in self.train_set),
                 "negatives": sum(1 for r in self.data.examples if r.get("negative")) if config.role == "simulator" else None,
                 "other_roles": dict(self.data.other_roles),
             },

@@ -1,0 +1,36 @@
+"""Repeated questions: the near-duplicate test behind simulate's ``--no-repeat`` guard and score's
+repeat rate, one definition for both.
+
+A question repeats an earlier one of the same interview when their word sets (lower-cased
+Unicode words, every script) overlap by a Jaccard index of at least ``REPEAT_THRESHOLD``, or are
+equal. At 0.8, "What kinds of movies do you usually enjoy?" and "... usually avoid?" (7 of 9
+words shared, 0.78) are different questions; a reworded copy that changes one word in ten is not.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+REPEAT_THRESHOLD = 0.8
+
+
+def question_words(question: str) -> frozenset[str]:
+    return frozenset(re.findall(r"\w+", question.casefold()))
+
+
+def is_repeat(question: str, earlier: Sequence[str]) -> bool:
+    """Whether ``question`` repeats any of ``earlier`` (see the module docstring)."""
+    words = question_words(question)
+    if not words:
+        return False
+    for other in earlier:
+        seen = question_words(other)
+        if seen and len(words & seen) / len(words | seen) >= REPEAT_THRESHOLD:
+            return True
+    return False
+
+
+def repeated_turns(questions: Sequence[str]) -> int:
+    """How many of ``questions`` (one interview, in order) repeat an earlier one."""
+    return sum(is_repeat(q, questions[:i]) for i, q in enumerate(questions))
