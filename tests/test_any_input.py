@@ -164,7 +164,7 @@ def test_a_wrongly_typed_answer_is_asked_again(tmp_path):
     path.write_text(json.dumps({"id": "u1", "profile": "I like old crime films."}) + "\n")
     result = run_cli("structure", path, "--model", f"fake:{script}", "--no-cache")
     assert result.returncode == 0, result.stderr
-    assert jsonl(result.stdout)[0]["tags"] == TAGS and "1 retries" in result.stderr
+    assert jsonl(result.stdout)[0]["tags"] == TAGS and "1 re-asks" in result.stderr
 
 
 # ---- 4. output files and resume ----

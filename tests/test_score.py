@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 
 from funnelqa import metrics
+from funnelqa.repeats import repeated_turns
 from funnelqa.score import (
     concept_ranks,
     elicited_after,
@@ -154,6 +155,9 @@ def _all_at_once(sessions, seed=0):
     summary["unanswered_rate"] = sum(not t["answered"] for t in turns) / len(turns) if turns else None
     summary["questions_asked"] = metrics.mean(len(s["turns"]) for s in sessions)
     summary["complete_rate"] = metrics.mean(float(tag_recall(e, t) == 1.0) for e, t in zip(finals, targets))
+    asked = [[t["question"] for t in s["turns"] if t["question"].strip()] for s in sessions]
+    summary["repeat_rate"] = sum(map(repeated_turns, asked)) / max(1, sum(map(len, asked)))
+    summary["rouge_tokenizer"] = "default"
     curve = {"questions": list(range(1, horizon + 1))}
     for q in curve["questions"]:
         for name, value in text_scores([elicited_after(s, q) for s in sessions], targets, seed=seed, cache=cache).items():

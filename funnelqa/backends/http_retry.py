@@ -23,6 +23,7 @@ import httpx
 
 from funnelqa.backends import Answer, Backend, Request, raise_failures
 from funnelqa.errors import BackendError, BackendUnavailable
+from funnelqa.redact import redact
 
 # 408 and 409 are what proxies and overloaded servers answer for "try again"; 429 is a rate
 # limit; any 5xx may be a passing overload or a restart.
@@ -115,8 +116,8 @@ class HTTPBackend(Backend):
     backoff_cap: float = 60.0
 
     def __init__(self, *, label: str, base_url: str, concurrency: int, timeout: float, max_retries: int):
-        self.spec = label
-        self.label = label
+        # Shown in every log line and stored with every session: a key written into the URL stays out.
+        self.label = self.spec = redact(label)
         self.base_url = base_url
         self.concurrency = max(1, concurrency)
         self.timeout = timeout
