@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from funnelqa import render
-from funnelqa.backends import Backend, Request
+from funnelqa.backends import Backend, Request, answer_status
 from funnelqa.errors import UsageError
 from funnelqa.repeats import is_repeat
 
@@ -42,7 +42,8 @@ class Questioner(ABC):
 
     @abstractmethod
     def ask(self, interviews: Sequence[Interview]) -> list[str | None]:
-        """The next question for each interview; None when this questioner has nothing left to ask."""
+        """The next question for each interview; None when this questioner has nothing left to ask
+        (or its call for that interview failed for good: then ``Interview.fail`` says so)."""
 
 
 class LLMQuestioner(Questioner):
@@ -71,8 +72,15 @@ class LLMQuestioner(Questioner):
     def ask(self, interviews: Sequence[Interview]) -> list[str | None]:
         if not interviews:
             return []
-        texts = self.backend.generate([self.request(interview) for interview in interviews])
-        questions: list[str | None] = [render.parse_question(text) for text in texts]
+        texts = self.backend.generate_each([self.request(interview) for interview in interviews])
+        questions: list[str | None] = []
+        for interview, text in zip(interviews, texts):
+            finish, detail = answer_status(text)
+            if finish == "failed":  # this interview ends with the error; the others go on
+                interview.fail("questioner", detail)
+                questions.append(None)
+            else:
+                questions.append(render.parse_question(text))
         if self.no_repeat:
             self._replace_repeats(interviews, questions)
         return questions
@@ -85,7 +93,7 @@ class LLMQuestioner(Questioner):
         if not repeating:
             return
         # Seeded by turn as well, so a user's candidates do not depend on who else repeats this turn.
-        samples = self.backend.generate([
+        samples = self.backend.generate_each([
             self.request(interviews[i], temperature=NO_REPEAT_TEMPERATURE, seed=1000 * len(interviews[i].turns) + k)
             for i in repeating for k in range(NO_REPEAT_CANDIDATES)
         ])

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from funnelqa import render
-from funnelqa.backends import Backend, BackendOptions, Request, open_backend
+from funnelqa.backends import Backend, BackendOptions, Request, answer_status, open_backend
 from funnelqa.errors import UsageError
 from funnelqa.questioners import ORACLE_SHUFFLED, Questioner, default_profile_form, open_questioner
 from funnelqa.records import Record, RecordWriter, check_questions, read_records
@@ -37,6 +37,7 @@ ANSWER_SCHEMA = {
 STOP_LIMIT = "limit"  # asked max_questions
 STOP_COMPLETE = "complete"  # every target tag revealed: P_current == P_n
 STOP_EXHAUSTED = "exhausted"  # a reference questioner had no question left
+STOP_ERROR = "error"  # a model call for this user failed for good; the session carries the error
 
 
 @dataclass
@@ -49,6 +50,12 @@ class Interview:
     stop: str | None = None
     # What the --no-repeat guard did to the question of the coming turn, kept with that turn.
     guard: dict | None = None
+    # Why this interview stopped early: a model call for it failed for good (its batch-mates go on).
+    error: str | None = None
+
+    def fail(self, role: str, detail: str) -> None:
+        self.error = f"{role}: {detail}"
+        self.stop = STOP_ERROR
 
     @property
     def target(self) -> list[dict]:
@@ -102,6 +109,7 @@ class Interview:
             "target": [{"tag": t["tag"], "content": t["content"]} for t in self.target],
             **meta,
             "stop": self.stop,
+            **({"error": {"stage": "simulate", "message": self.error}} if self.error else {}),
         }
 
 
@@ -118,12 +126,21 @@ class UserSimulator:
         messages = render.simulator_messages(interview.target, question, interview.simulator_history())
         return Request(messages=tuple(messages), max_tokens=self.max_tokens, json_schema=ANSWER_SCHEMA)
 
-    def answer(self, asked: Sequence[tuple[Interview, str]]) -> list[tuple[str, list[str], str]]:
-        """(answer, revealed tag names, raw output) for each (interview, question)."""
+    def answer(self, asked: Sequence[tuple[Interview, str]]) -> list[tuple[str, list[str], str] | None]:
+        """(answer, revealed tag names, raw output) for each (interview, question); None where the
+        call failed for good, which ends that interview with its error (``Interview.fail``)."""
         if not asked:
             return []
-        texts = self.backend.generate([self.request(interview, question) for interview, question in asked])
-        return [(*render.parse_simulator(text, interview.target), text) for (interview, _), text in zip(asked, texts)]
+        texts = self.backend.generate_each([self.request(interview, question) for interview, question in asked])
+        replies: list[tuple[str, list[str], str] | None] = []
+        for (interview, _), text in zip(asked, texts):
+            finish, detail = answer_status(text)
+            if finish == "failed":
+                interview.fail("simulator", detail)
+                replies.append(None)
+            else:
+                replies.append((*render.parse_simulator(text, interview.target), str(text)))
+        return replies
 
 
 @dataclass
@@ -162,6 +179,8 @@ def run_interviews(
         questions = questioner.ask(live)
         asking: list[tuple[Interview, str]] = []
         for interview, question in zip(live, questions):
+            if interview.stop is not None:
+                continue  # the questioner's call for it failed
             if question is None:
                 interview.stop = STOP_EXHAUSTED
             elif not question.strip():
@@ -170,8 +189,9 @@ def run_interviews(
             else:
                 asking.append((interview, question))
         replies = simulator.answer(asking)
-        for (interview, question), (answer, tags, raw) in zip(asking, replies):
-            interview.add_turn(question, answer, tags, raw)
+        for (interview, question), reply in zip(asking, replies):
+            if reply is not None:
+                interview.add_turn(question, *reply)
         asked = answered = 0
         for interview in live:
             if interview.stop is not None:
@@ -265,8 +285,13 @@ def simulate_file(
         try:
             asker = open_questioner(questioner, form, open_model, seed=seed, no_repeat=no_repeat)
             answerer = UserSimulator(open_model(simulator))
+            failed = 0
             for session in run_interviews(todo, asker, answerer, max_questions=max_questions, meta=meta, on_turn=report):
                 writer.write(session)
+                failed += "error" in session
+            if failed:
+                stderr.print(f"[yellow]{failed} interview(s) ended early: a model call for them failed for good "
+                             "(their sessions carry 'error'; score leaves them out)")
         finally:
             for backend in opened.values():
                 backend.close()

@@ -432,3 +432,26 @@ def test_no_repeat_is_recorded_and_refused_for_the_oracles(tmp_path):
     assert all(s["turns"][1]["guard"]["replaced"] is False for s in sessions)  # the script has nothing else to say
     refused = run_cli("simulate", forward, "-q", "oracle", "-s", f"fake:{script}", "--no-repeat", "--no-cache")
     assert refused.returncode == 2 and "--no-repeat guards a model questioner" in refused.stderr
+
+
+def test_a_call_that_fails_for_good_ends_only_its_own_interview():
+    from funnelqa.backends import Answer
+
+    failed = Answer("", finish="failed", detail="HTTP 500 after 6 attempts")
+
+    def user_of(request):
+        return next(u for u in ("ann", "bob", "cid") if f"{u} content" in request.messages[0]["content"])
+
+    # bob's simulated user fails for good at once; cid's questioner fails once cid has answered.
+    simulator = FakeBackend(lambda r: failed if user_of(r) == "bob" else
+                            json.dumps({"answer": f"I am {user_of(r)}", "tags": ["Genre"]}), name="fake:s")
+    questioner = FakeBackend(lambda r: failed if any("I am cid" in m["content"] for m in r.messages)
+                             else "What about genre?", name="fake:q")
+    sessions = interview(RECORDS, LLMQuestioner(questioner, "qa"), simulator, max_questions=2)
+    by_id = {s["id"]: s for s in sessions}
+    assert [s["id"] for s in sessions] == ["ann", "bob", "cid"]
+    assert by_id["bob"]["stop"] == "error" and by_id["bob"]["turns"] == []
+    assert by_id["bob"]["error"] == {"stage": "simulate", "message": "simulator: HTTP 500 after 6 attempts"}
+    assert by_id["cid"]["stop"] == "error" and len(by_id["cid"]["turns"]) == 1
+    assert by_id["cid"]["error"]["message"] == "questioner: HTTP 500 after 6 attempts"
+    assert by_id["ann"]["stop"] == "limit" and "error" not in by_id["ann"] and len(by_id["ann"]["turns"]) == 2
