@@ -180,9 +180,6 @@ def split_users(users: Sequence[str], eval_fraction: float, seed: int) -> tuple[
 
 # ---- layouts ----
 
-LAYOUTS = ("conversation", "steps")
-
-
 def default_layout(role: str, profile_form: str | None) -> str:
     """``conversation`` wherever the prompts of a user's steps form one chat; ``answers`` does not."""
     return "steps" if role == "questioner" and profile_form == "answers" else "conversation"
