@@ -224,13 +224,18 @@ def _insert(turns: list[dict[str, Any]], trained: list[bool], extra: list[dict[s
         last += 1
 
 
+def _by_user(examples: Sequence[Record]) -> dict[str, list[Record]]:
+    grouped: dict[str, list[Record]] = {}
+    for record in examples:
+        grouped.setdefault(str(record["id"]), []).append(record)
+    return grouped
+
+
 def questioner_conversations(examples: Sequence[Record], negatives: dict[str, list[str]], seed: int
                              ) -> tuple[list[Conversation], list[str]]:
     """(conversations, users whose chain of steps is incomplete or inconsistent). A chain is
     complete when steps 0..n-1 are all there and each step's history is the last step's, cut."""
-    by_user: dict[str, list[Record]] = {}
-    for record in examples:
-        by_user.setdefault(str(record["id"]), []).append(record)
+    by_user = _by_user(examples)
     conversations, incomplete = [], []
     for user, steps in by_user.items():
         steps = sorted(steps, key=lambda r: r.get("step", -1))
@@ -257,9 +262,7 @@ def questioner_conversations(examples: Sequence[Record], negatives: dict[str, li
 def simulator_conversations(examples: Sequence[Record], seed: int) -> tuple[list[Conversation], list[str]]:
     """(conversations, users whose examples disagree on the profile). Answered questions keep
     corrupt's order (the funnel); the "No preference" negatives go in at seeded places."""
-    by_user: dict[str, list[Record]] = {}
-    for record in examples:
-        by_user.setdefault(str(record["id"]), []).append(record)
+    by_user = _by_user(examples)
     conversations, inconsistent = [], []
     for user, rows in by_user.items():
         profile = rows[0]["profile_tags"]
