@@ -11,12 +11,19 @@ Eq. 7 is taken literally: a tag revealed by two questions stays hidden until the
 
 from __future__ import annotations
 
+import contextlib
 import random
 import re
+import shutil
+import sys
+import tempfile
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from funnelqa.records import Record
+from funnelqa.errors import InputError, UsageError
+from funnelqa.records import Record, RecordWriter, check_questions, read_records, source_name
 from funnelqa.render import NO_PREFERENCE
 
 ROLES = ("questioner", "simulator")
@@ -228,3 +235,104 @@ def corrupt(records: Iterable[Record], *, seed: int = 0, negatives: int = 2,
                                                  negatives, rng)
                 else:
                     yield from negative_examples(record, pool, negatives, rng)
+
+
+@dataclass
+class CorruptSummary:
+    """What ``corrupt_file`` wrote: examples per kind, and the input it left out."""
+
+    users: int = 0  # records that became examples
+    questioner: int = 0  # Eq. 7-8 examples
+    simulator: int = 0  # Eq. 10 examples
+    negative: int = 0  # unanswerable simulator examples
+    errors: int = 0  # records carrying an earlier stage's 'error', left out
+    skipped: list[str] = field(default_factory=list)  # "FILE:LINE: why" of each invalid line skipped
+
+    def describe(self) -> str:
+        """The one-line summary the CLI prints on stderr."""
+        return (
+            f"corrupt: {self.users} users -> {self.questioner} questioner, {self.simulator} simulator "
+            f"and {self.negative} unanswerable examples; {self.errors} records with upstream "
+            f"errors and {len(self.skipped)} invalid lines skipped"
+        )
+
+
+@contextlib.contextmanager
+def _rereadable(source: str) -> Iterator[str]:
+    """A path that can be read twice: the file itself, or stdin spooled to a temporary file."""
+    if source != "-":
+        yield source
+        return
+    with tempfile.NamedTemporaryFile(prefix="funnelqa-corrupt-", suffix=".jsonl") as spool:
+        shutil.copyfileobj(sys.stdin.buffer, spool)
+        spool.flush()
+        yield spool.name
+
+
+def _named(error: InputError, source: str) -> InputError:
+    # Lines of spooled stdin are reported as stdin's, not the temporary file's.
+    return InputError(source_name(source), error.line, error.message) if source == "-" else error
+
+
+def _validate(record: Record) -> None:
+    check_questions(record)
+    check_corruptible(record)
+
+
+def corrupt_file(source: str | Path, out: Path | None, *, seed: int = 0, negatives: int = 2,
+                 roles: Iterable[str] = ROLES, skip_invalid: bool = False) -> CorruptSummary:
+    """`funnelqa corrupt`: the training examples (Eq. 7, 8, 10, plus unanswerables) of a forward file.
+
+    ``source`` is a JSONL path or '-' (stdin, spooled to a temporary file when the negatives need
+    a second pass); ``out`` None writes stdout. Per user with n questions: n questioner examples
+    (t = n-1..0), n simulator examples and up to ``negatives`` unanswerable ones, as ``corrupt``
+    yields them for ``seed``. Records carrying an earlier stage's ``error`` are counted and left
+    out. A re-run starts over (corruption takes seconds) rather than resuming.
+    Raises UsageError for a role other than questioner or simulator; InputError ("FILE:LINE: why",
+    stdin's lines as ``<stdin>``) for a bad line, unless ``skip_invalid``, which reports it on
+    stderr and skips it.
+    """
+    from funnelqa.console import stderr
+
+    roles = tuple(roles)
+    unknown = [role for role in roles if role not in ROLES]
+    if unknown:
+        raise UsageError(f"unknown role(s) {unknown}; use {' or '.join(ROLES)}")
+    source = str(source)
+    summary = CorruptSummary()
+
+    def report(error: InputError) -> None:
+        error = _named(error, source)
+        summary.skipped.append(str(error))
+        stderr.print(f"[yellow]skipped[/] {error}")
+
+    def usable(loaded: Iterable[Record]) -> Iterator[Record]:
+        for record in loaded:
+            if "error" in record:
+                summary.errors += 1
+            else:
+                summary.users += 1
+                yield record
+
+    try:
+        with _rereadable(source) as path:
+            pool = None
+            if negatives > 0 and "simulator" in roles:
+                # First pass: the questions alone, for the negatives; the second streams the records.
+                first = read_records(path, _validate, on_invalid=report if skip_invalid else None)
+                pool = NegativePool.from_records(r for r in first if "error" not in r)
+            # Bad lines were reported by the first pass (when there was one): the second only skips them.
+            quiet = (lambda error: None) if pool is not None else report
+            loaded = read_records(path, _validate, on_invalid=quiet if skip_invalid else None)
+            with RecordWriter(out, resume=False) as writer:
+                for example in corrupt(usable(loaded), seed=seed, negatives=negatives, roles=roles, pool=pool):
+                    writer.write(example)
+                    if example.get("negative"):
+                        summary.negative += 1
+                    elif example["role"] == "questioner":
+                        summary.questioner += 1
+                    else:
+                        summary.simulator += 1
+    except InputError as exc:
+        raise _named(exc, source) from None
+    return summary

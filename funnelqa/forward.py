@@ -10,13 +10,16 @@ that still fails is written with an ``error`` field and counted, never dropped.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from funnelqa import records
-from funnelqa.backends import Backend, Request, answer_status
+from funnelqa.backends import Backend, BackendOptions, Request, answer_status, open_backend
+from funnelqa.errors import InputError, UsageError
 from funnelqa.prompts import load
 from funnelqa.records import Record
 from funnelqa.render import extract_json, format_tags, match_tags
@@ -187,17 +190,30 @@ STAGES: dict[str, Stage] = {
 
 @dataclass
 class StageSummary:
+    """Counts of one stage run; every input record is one of ok, failed, passed_through or resumed."""
+
     stage: str
     ok: int = 0
-    failed: int = 0
-    passed_through: int = 0
-    resumed: int = 0
-    retried: int = 0
-    invalid_input: list[str] = field(default_factory=list)
+    failed: int = 0  # written with an 'error' field
+    passed_through: int = 0  # carried an 'error' from an earlier stage: written untouched
+    resumed: int = 0  # finished by an earlier, interrupted run
+    retried: int = 0  # re-asks, summed over attempts
+    invalid_input: list[str] = field(default_factory=list)  # "FILE:LINE: why" of each skipped input line
+    counters: dict[str, int] = field(default_factory=dict)  # the backend's (``Backend.counters``)
 
-    @property
-    def total(self) -> int:
-        return self.ok + self.failed + self.passed_through + self.resumed
+    def describe(self) -> str:
+        """The one-line summary the CLI prints on stderr."""
+        counts = self.counters
+        cache_note = f", {counts['calls']} model calls, {counts['from_cache']} from cache" if "calls" in counts else ""
+        if counts.get("refreshed"):
+            cache_note += f", {counts['refreshed']} cached failures asked again"
+        if "http_retries" in counts:
+            cache_note += f", {counts['http_retries']} HTTP retries"
+        return (
+            f"{self.stage}: {self.ok} ok, {self.failed} failed (written with 'error'), "
+            f"{self.passed_through} passed through with earlier errors, {self.resumed} resumed, "
+            f"{len(self.invalid_input)} invalid input lines skipped, {self.retried} re-asks{cache_note}"
+        )
 
 
 # A reply cut at its token budget is asked again with twice the budget, up to this many tokens.
@@ -291,7 +307,7 @@ def _batches(items: Iterable[Record], size: int) -> Iterator[list[Record]]:
         yield chunk
 
 
-def run_stage(
+def run_forward_stage(
     stage: Stage,
     inputs: Iterable[Record],
     backend: Backend,
@@ -302,7 +318,13 @@ def run_stage(
     max_tokens: int | None = None,
     on_progress: Callable[[int], None] | None = None,
 ) -> StageSummary:
-    """Stream ``inputs`` through ``stage``; every input comes out as exactly one record."""
+    """Stream ``inputs`` through ``stage`` into ``writer``; every input comes out as exactly one record.
+
+    Records ``writer`` already holds from an interrupted run are counted as resumed, not asked
+    again; records carrying an earlier stage's ``error`` are written untouched. Batches of
+    ``batch_size`` (default: the backend's) are written as they finish, so a kill loses at most
+    the batch in flight.
+    """
     summary = StageSummary(stage.name)
     size = batch_size or backend.batch_size
     for chunk in _batches(inputs, size):
@@ -319,4 +341,49 @@ def run_stage(
             writer.write_many(process_batch(stage, todo, backend, retries, summary, max_tokens))
         if on_progress:
             on_progress(len(chunk))
+    return summary
+
+
+def run_file(
+    stage_name: str,
+    source: str | Path,
+    out: Path | None,
+    model: str,
+    *,
+    options: BackendOptions | None = None,
+    use_cache: bool = True,
+    cache_path: Path | None = None,
+    retries: int = 2,
+    max_tokens: int | None = None,
+    skip_invalid: bool = False,
+) -> StageSummary:
+    """`funnelqa structure|rank|generate-questions`: one stage of Algorithm 1 (lines 1-3) over a JSONL file or '-'.
+
+    Writes one record per valid input line to ``out`` (stdout when None), resuming an interrupted
+    run; ``options.batch_size`` records go to the model at a time; ``max_tokens`` caps each
+    answer (default: the stage's own). The backend is closed however the run ends.
+    Raises UsageError for an unknown stage; InputError ("FILE:LINE: why") for a bad input line,
+    unless ``skip_invalid``, which reports it on stderr and skips it; BackendUnavailable or
+    BackendError when the model cannot start or stops answering altogether.
+    """
+    from funnelqa.console import progress, stderr
+
+    if stage_name not in STAGES:
+        raise UsageError(f"unknown forward stage {stage_name!r}; use one of {', '.join(STAGES)}")
+    stage = STAGES[stage_name]
+    options = options or BackendOptions()
+    invalid: list[str] = []
+
+    def report(error: InputError) -> None:
+        invalid.append(str(error))
+        stderr.print(f"[yellow]skipped[/] {error}")
+
+    inputs = records.read_records(source, stage.needs, on_invalid=report if skip_invalid else None)
+    with contextlib.closing(open_backend(model, options, use_cache=use_cache, cache_path=cache_path)) as backend:
+        with records.RecordWriter(out) as writer, progress() as bar:
+            task = bar.add_task(stage.name, total=None, status="")
+            summary = run_forward_stage(stage, inputs, backend, writer, retries=retries, batch_size=options.batch_size,
+                                        max_tokens=max_tokens, on_progress=lambda n: bar.advance(task, n))
+        summary.counters = backend.counters()
+    summary.invalid_input = invalid
     return summary

@@ -4,7 +4,8 @@ from collections import defaultdict
 import pytest
 
 from funnelqa import records
-from funnelqa.corrupt import corrupt, partial_profile
+from funnelqa.corrupt import corrupt, corrupt_file, partial_profile
+from funnelqa.errors import UsageError
 from tests.conftest import run_cli
 
 RECORD = {
@@ -72,6 +73,17 @@ def test_properties_on_real_forward_records(shared_forward):
         revealed = {name for q in record["questions"] for name in q["tags"]}
         assert revealed == {t["tag"] for t in record["tags"]}  # the union of T_i is the whole profile
     assert list(corrupt(loaded, seed=0)) == examples  # deterministic for a seed
+
+
+def test_corrupt_file_counts_what_it_writes(tmp_path):
+    failed = {"id": "u0", "error": {"stage": "rank", "message": "m"}}
+    path, out = tmp_path / "f.jsonl", tmp_path / "examples.jsonl"
+    path.write_text(json.dumps(failed) + "\n" + json.dumps(RECORD) + "\n")
+    summary = corrupt_file(path, out, negatives=0)
+    assert (summary.users, summary.questioner, summary.simulator, summary.negative, summary.errors) == (1, 3, 3, 0, 1)
+    assert len(records.load_records(out, allow_duplicate_ids=True)) == 6
+    with pytest.raises(UsageError, match="unknown role"):
+        corrupt_file(path, out, roles=("both",))
 
 
 def test_cli_yields_one_questioner_example_per_question(shared_forward):

@@ -2,11 +2,12 @@ import json
 
 import pytest
 
-from funnelqa import records
-from funnelqa.backends import CachedBackend
+from funnelqa import forward, records
+from funnelqa.backends import BackendOptions, CachedBackend
 from funnelqa.backends.fake import FakeBackend, prompt_text
 from funnelqa.cache import LLMCache
-from funnelqa.forward import STAGES, accept_questions, accept_rank, accept_structure, run_stage, InvalidOutput
+from funnelqa.errors import BackendError, InputError
+from funnelqa.forward import STAGES, accept_questions, accept_rank, accept_structure, run_forward_stage, InvalidOutput
 
 TAGS = [{"tag": "Genre", "content": "The user likes noir."}, {"tag": "Directors", "content": "The user likes Wilder."}]
 RECORD = {"id": "a", "profile": "Loves film noir, especially Billy Wilder.", "tags": TAGS}
@@ -54,7 +55,7 @@ def test_invalid_answers_are_retried_with_the_reason_then_written_as_errors(tmp_
     backend = FakeBackend(respond)
     out = tmp_path / "ranked.jsonl"
     with records.RecordWriter(out) as writer:
-        summary = run_stage(STAGES["rank"], [RECORD, other], backend, writer, retries=2)
+        summary = run_forward_stage(STAGES["rank"], [RECORD, other], backend, writer, retries=2)
     written = records.load_records(out)
     assert [r["id"] for r in written] == ["a", "b"]
     assert "error" not in written[0]
@@ -81,13 +82,13 @@ def test_killed_stage_resumes_without_repeating_finished_records(tmp_path):
     first = CachedBackend(FakeBackend(respond), cache)
     with pytest.raises(KeyboardInterrupt):
         with records.RecordWriter(out) as writer:
-            run_stage(STAGES["rank"], source, first, writer, batch_size=2)
+            run_forward_stage(STAGES["rank"], source, first, writer, batch_size=2)
     assert not out.exists()
 
     calls = []
     second = FakeBackend(lambda r: calls.append(r) or '{"ranking": ["Genre", "Directors"]}')
     with records.RecordWriter(out) as writer:
-        summary = run_stage(STAGES["rank"], source, CachedBackend(second, cache), writer, batch_size=2)
+        summary = run_forward_stage(STAGES["rank"], source, CachedBackend(second, cache), writer, batch_size=2)
     assert summary.resumed == 4 and len(calls) == 2
     assert [r["id"] for r in records.load_records(out)] == [str(i) for i in range(6)]
 
@@ -107,5 +108,71 @@ def test_records_with_upstream_errors_pass_through_untouched():
             self.extend(items)
 
     sink = Collect()
-    summary = run_stage(STAGES["rank"], [failed], backend, sink)
+    summary = run_forward_stage(STAGES["rank"], [failed], backend, sink)
     assert sink == [failed] and summary.passed_through == 1
+
+
+class ClosingBackend(FakeBackend):
+    """A fake that counts its closes."""
+
+    closed = 0
+
+    def close(self) -> None:
+        self.closed += 1
+
+
+RANKED = '{"ranking": ["Genre", "Directors"]}'
+
+
+def _rank_file(tmp_path, monkeypatch, lines, respond):
+    """Run `rank` over ``lines`` with a ClosingBackend answering ``respond``; (backend, the run)."""
+    backend = ClosingBackend(respond)
+    monkeypatch.setattr(forward, "open_backend", lambda *args, **kwargs: backend)
+    source = tmp_path / "tagged.jsonl"
+    source.write_text("".join(line + "\n" for line in lines))
+    return backend, lambda: forward.run_file("rank", source, tmp_path / "ranked.jsonl", "fake",
+                                             options=BackendOptions(batch_size=1))
+
+
+def test_a_forward_run_closes_its_backend_on_success(tmp_path, monkeypatch):
+    backend, run = _rank_file(tmp_path, monkeypatch, [json.dumps(RECORD)], lambda r: RANKED)
+    summary = run()
+    assert backend.closed == 1 and (summary.ok, summary.failed) == (1, 0)
+    assert summary.describe().startswith("rank: 1 ok, 0 failed")
+
+
+def _interrupt(request):
+    raise KeyboardInterrupt
+
+
+def _backend_down(request):
+    raise BackendError("no server")
+
+
+@pytest.mark.parametrize("lines, respond, error, message", [
+    ([json.dumps(RECORD), "not json"], lambda r: RANKED, InputError, "tagged.jsonl:2: malformed JSON"),
+    ([json.dumps(RECORD)], _backend_down, BackendError, "no server"),
+    ([json.dumps(RECORD)], _interrupt, KeyboardInterrupt, None),
+])
+def test_a_forward_run_closes_its_backend_when_it_fails(tmp_path, monkeypatch, lines, respond, error, message):
+    backend, run = _rank_file(tmp_path, monkeypatch, lines, respond)
+    with pytest.raises(error, match=message):
+        run()
+    assert backend.closed == 1
+
+
+def test_an_interrupted_forward_run_resumes(tmp_path, monkeypatch):
+    lines = [json.dumps(dict(RECORD, id=name)) for name in ("a", "b")]
+    answered = []
+
+    def once(request):
+        if answered:
+            raise KeyboardInterrupt
+        answered.append(request)
+        return RANKED
+
+    with pytest.raises(KeyboardInterrupt):
+        _rank_file(tmp_path, monkeypatch, lines, once)[1]()
+    summary = _rank_file(tmp_path, monkeypatch, lines, lambda r: RANKED)[1]()
+    assert (summary.resumed, summary.ok) == (1, 1)
+    assert [r["id"] for r in records.load_records(tmp_path / "ranked.jsonl")] == ["a", "b"]

@@ -19,40 +19,6 @@ HELP = {
 }
 
 
-def run_forward(stage_name: str, source: str, out: Optional[Path], model: str, *, retries: int,
-                skip_invalid: bool, no_cache: bool, concurrency: int, timeout: float,
-                batch_size: int, max_tokens: Optional[int], dtype: str = "auto") -> None:
-    from funnelqa import records
-    from funnelqa.backends import open_backend
-    from funnelqa.console import progress, stderr
-    from funnelqa.forward import STAGES, run_stage
-
-    stage = STAGES[stage_name]
-    invalid: list[str] = []
-
-    def report(error) -> None:
-        invalid.append(str(error))
-        stderr.print(f"[yellow]skipped[/] {error}")
-
-    inputs = records.read_records(source, stage.needs, on_invalid=report if skip_invalid else None)
-    backend = open_backend(model, common.backend_options(concurrency, timeout, batch_size, dtype), use_cache=not no_cache)
-    with records.RecordWriter(common.out_path(out)) as writer, progress() as bar:
-        task = bar.add_task(stage_name, total=None, status="")
-        summary = run_stage(stage, inputs, backend, writer, retries=retries, batch_size=batch_size,
-                            max_tokens=max_tokens, on_progress=lambda n: bar.advance(task, n))
-    counts = backend.counters()
-    cache_note = f", {counts['calls']} model calls, {counts['from_cache']} from cache" if "calls" in counts else ""
-    if counts.get("refreshed"):
-        cache_note += f", {counts['refreshed']} cached failures asked again"
-    if "http_retries" in counts:
-        cache_note += f", {counts['http_retries']} HTTP retries"
-    stderr.print(
-        f"{stage_name}: {summary.ok} ok, {summary.failed} failed (written with 'error'), "
-        f"{summary.passed_through} passed through with earlier errors, {summary.resumed} resumed, "
-        f"{len(invalid)} invalid input lines skipped, {summary.retried} re-asks{cache_note}"
-    )
-
-
 def _command(stage_name: str):
     def command(
         source: str = common.INPUT,
@@ -67,9 +33,24 @@ def _command(stage_name: str):
         batch_size: int = common.BATCH_SIZE,
         dtype: str = common.DTYPE,
     ) -> None:
-        common.run(lambda: run_forward(
-            stage_name, source, out, model, retries=retries, skip_invalid=skip_invalid, no_cache=no_cache,
-            concurrency=concurrency, timeout=timeout, batch_size=batch_size, max_tokens=max_tokens, dtype=dtype))
+        def action() -> None:
+            from funnelqa.console import stderr
+            from funnelqa.forward import run_file
+
+            summary = run_file(
+                stage_name,
+                source,
+                common.out_path(out),
+                model,
+                options=common.backend_options(concurrency, timeout, batch_size, dtype),
+                use_cache=not no_cache,
+                retries=retries,
+                max_tokens=max_tokens,
+                skip_invalid=skip_invalid,
+            )
+            stderr.print(summary.describe())
+
+        common.run(action)
 
     command.__doc__ = HELP[stage_name]
     return command
