@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -517,6 +518,34 @@ def test_cli_rejects_bad_options_before_loading_anything(tmp_path, examples):
     assert result.exit_code == 2 and "--profile-form must be one of answers, qa" in result.stderr
     result = invoke("train-simulator", examples, "--out", tmp_path / "o", "--base", "nowhere:x")
     assert result.exit_code == 2 and "neither local" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("lora_r", 0, "--lora-r must be in the range x>=1, got 0"),
+        ("lr", 0.0, "--lr must be in the range x>0.0, got 0.0"),
+        ("eval_fraction", 0.95, "--eval-fraction must be in the range 0.0<=x<=0.9, got 0.95"),
+        ("schedule", "step", "--schedule must be one of cosine, linear, constant, not 'step'"),
+    ],
+)
+def test_config_checks_the_bounds_for_library_callers_too(option, value, message, tmp_path):
+    with pytest.raises(UsageError, match=re.escape(message)):
+        TrainConfig(role="simulator", out=tmp_path, **{option: value})
+
+
+def test_cli_out_of_range_option_gives_one_error_line(tmp_path, examples):
+    result = invoke("train-simulator", examples, "--out", tmp_path / "o", "--lora-dropout", "1.5")
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines() == ["funnelqa: error: --lora-dropout must be in the range 0.0<=x<=0.99, got 1.5"]
+
+
+def test_a_resumed_run_may_change_only_what_changes_no_step(tmp_path):
+    saved = TrainConfig(role="questioner", out=tmp_path / "a").options()
+    changed = TrainConfig(role="questioner", out=tmp_path / "b", eval_every=5, save_every=7, resume=True,
+                          gradient_checkpointing=True)
+    assert changed.resume_mismatches(saved) == []
+    assert TrainConfig(role="questioner", out=tmp_path, seed=1).resume_mismatches(saved) == ["seed: checkpoint has 0, now 1"]
 
 
 def test_gradient_checkpointing_recomputes_the_same_gradients(tiny, examples, tmp_path):

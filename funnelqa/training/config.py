@@ -1,94 +1,164 @@
-"""What a training run is asked to do, checked once before any model is loaded."""
+"""What a training run is asked to do, checked once before any model is loaded.
+
+Every option of ``train-questioner`` and ``train-simulator`` is a field of TrainConfig, described
+once beside its default by an Option: its help text, the values it accepts, and whether a resumed
+run may change it. The commands build their options from these fields (funnelqa.commands.train),
+so the command line, the checks and the resume rule cannot drift apart.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, Field, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from funnelqa.corrupt import ROLES
 from funnelqa.errors import UsageError
 from funnelqa.models import parse_model_spec
 from funnelqa.render import PROFILE_FORMS
 
-ROLES = ("questioner", "simulator")
-SCHEDULES = ("cosine", "linear", "constant")
-PRECISIONS = ("auto", "fp32", "bf16")
-LAYOUTS = ("auto", "conversation", "steps")
+# The key of a field's Option in its dataclasses metadata.
+OPTION = "option"
 
-# Options that change the result of every step; a resumed run must keep them, or its
-# checkpoint would continue a different run. The rest (how often to save or evaluate) may change.
-RESUME_MUST_MATCH = (
-    "role", "base", "profile_form", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "lr", "schedule",
-    "warmup_ratio", "weight_decay", "max_grad_norm", "batch_size", "grad_accum", "epochs", "max_steps",
-    "max_length", "eval_fraction", "seed", "precision", "layout",
-)
+
+@dataclass(frozen=True)
+class Option:
+    """How one TrainConfig field is offered on the command line and what values it accepts.
+
+    ``min`` and ``max`` are inclusive bounds (``min_exclusive``: the value must exceed ``min``);
+    a None bound, or a None value, is not checked. ``choices``: the accepted strings, if limited.
+    ``short``: an extra one-letter flag. ``roles``: the commands that offer the option.
+    ``resumable``: a resumed run may change it, because it changes no step's result; every other
+    field must equal the checkpoint's.
+    """
+
+    help: str
+    min: float | None = None
+    max: float | None = None
+    min_exclusive: bool = False
+    choices: tuple[str, ...] = ()
+    short: str | None = None
+    roles: tuple[str, ...] = ROLES
+    resumable: bool = False
+
+    def bounds(self) -> str | None:
+        """The bounds as typer's --help writes them ('x>=1', 'x>0.0', '0.0<=x<=0.9'); None if unbounded."""
+        if self.min is None:
+            return None if self.max is None else f"x<={self.max}"
+        if self.max is None:
+            return f"x{'>' if self.min_exclusive else '>='}{self.min}"
+        return f"{self.min}{'<' if self.min_exclusive else '<='}x<={self.max}"
+
+    def problem(self, value: Any) -> str | None:
+        """Why ``value`` is not accepted, as the end of a sentence; None when it is."""
+        if value is None:
+            return None
+        if self.choices and value not in self.choices:
+            return f"must be one of {', '.join(self.choices)}, not {value!r}"
+        too_low = self.min is not None and (value <= self.min if self.min_exclusive else value < self.min)
+        if too_low or (self.max is not None and value > self.max):
+            return f"must be in the range {self.bounds()}, got {value}"
+        return None
+
+
+def option(default: Any = MISSING, **description: Any) -> Any:
+    """A TrainConfig field offered as a command-line option; ``description`` holds Option's fields."""
+    return field(default=default, metadata={OPTION: Option(**description)})
+
+
+def flag(name: str) -> str:
+    """The command-line flag of a TrainConfig field: ``lora_r`` -> ``--lora-r``."""
+    return "--" + name.replace("_", "-")
+
+
+def option_of(config_field: Field) -> Option | None:
+    """The field's Option; None for a field that is not a command-line option (``role``)."""
+    return config_field.metadata.get(OPTION)
 
 
 @dataclass
 class TrainConfig:
+    """The options of one training run. Raises UsageError, naming the flag, for a value it cannot train with."""
+
+    # Not an option: each command trains one role.
     role: str
-    out: Path
-    base: str = "local"
-    # Questioner only: which render form the prompts use (simulate must use the same one).
-    profile_form: str | None = "qa"
-    lora_r: int = 16
-    lora_alpha: float = 32.0
-    lora_dropout: float = 0.05
-    target_modules: str = "all-linear"
-    lr: float = 1e-3
-    schedule: str = "cosine"
-    warmup_ratio: float = 0.05
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    batch_size: int = 8
-    grad_accum: int = 1
-    epochs: int = 3
-    max_steps: int | None = None
-    max_length: int = 1024
-    eval_fraction: float = 0.1
-    eval_every: int = 0
-    save_every: int = 100
-    resume: bool = False
-    seed: int = 0
-    precision: str = "auto"
-    # Recompute activations in the backward pass: far less memory for about a third more compute.
-    gradient_checkpointing: bool = False
-    # How examples become sequences: one chat per user (conversation) or one per step (steps);
-    # auto: conversation, except the questioner's 'answers' form (training.examples).
-    layout: str = "auto"
+    out: Path = option(help="Directory for the adapter, run_card.json and checkpoints.", short="-o", resumable=True)
+    base: str = option(
+        "local",
+        help="Base model: local[:smollm2-135m|gemma3-270m] or hf:PATH[+ADAPTER] (an adapter is trained further).",
+    )
+    lora_r: int = option(16, help="LoRA rank.", min=1)
+    lora_alpha: float = option(32.0, help="LoRA alpha (scale = alpha / r).", min=0.0)
+    lora_dropout: float = option(0.05, help="Dropout on the LoRA input.", min=0.0, max=0.99)
+    target_modules: str = option(
+        "all-linear", help="'all-linear' or comma-separated module names (e.g. q_proj,v_proj).",
+    )
+    lr: float = option(1e-3, help="Peak learning rate (the paper uses 1e-3).", min=0.0, min_exclusive=True)
+    schedule: str = option(
+        "cosine", help="Learning-rate decay after warmup: cosine, linear or constant.",
+        choices=("cosine", "linear", "constant"),
+    )
+    warmup_ratio: float = option(0.05, help="Fraction of the steps spent warming up linearly.", min=0.0, max=1.0)
+    weight_decay: float = option(0.0, help="AdamW weight decay.", min=0.0)
+    max_grad_norm: float = option(1.0, help="Clip gradients to this norm (0: no clipping).", min=0.0)
+    batch_size: int = option(8, help="Examples per micro-batch on each process.", min=1)
+    grad_accum: int = option(
+        1, help="Micro-batches per optimizer step (effective batch = batch-size x grad-accum x processes).", min=1,
+    )
+    epochs: int = option(3, help="Passes over the training examples (ignored when --max-steps is given).", min=1)
+    max_steps: int | None = option(None, help="Stop after this many optimizer steps (overrides --epochs).", min=1)
+    max_length: int = option(
+        1024, help="Longest example in tokens; longer prompts lose their start, targets are never cut.", min=8,
+    )
+    eval_fraction: float = option(
+        0.1, help="Share of users held out for the eval loss (split by user id).", min=0.0, max=0.9,
+    )
+    eval_every: int = option(
+        0, help="Also compute the eval loss every N steps (0: only before and after training).", min=0, resumable=True,
+    )
+    save_every: int = option(100, help="Checkpoint every N steps for --resume (0: never).", min=0, resumable=True)
+    resume: bool = option(
+        False, help="Continue from the last checkpoint in --out (same data and options).", resumable=True,
+    )
+    seed: int = option(0, help="Seed for the split, the data order, LoRA init and dropout.")
+    precision: str = option(
+        "auto", help="auto (bf16 on a GPU that supports it, else fp32), fp32 or bf16.", choices=("auto", "fp32", "bf16"),
+    )
+    gradient_checkpointing: bool = option(
+        False, help="Recompute activations in the backward pass: much less memory, about a third more compute.",
+        resumable=True,
+    )
+    layout: str = option(
+        "auto",
+        help="conversation: one chat sequence per user, loss on every assistant turn; steps: one sequence per example; "
+        "auto: conversation except for --profile-form answers.",
+        choices=("auto", "conversation", "steps"),
+    )
+    # Last, so that --help lists it after the options both commands share. None for the simulator.
+    profile_form: str | None = option(
+        "qa",
+        help="How the questioner sees what it learnt so far: 'qa' (questions with answers) or 'answers' "
+        "(revealed profile tags only). Recorded in the run card; `simulate` reads it from there.",
+        choices=PROFILE_FORMS, roles=("questioner",),
+    )
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
         if self.role not in ROLES:
             raise UsageError(f"unknown role {self.role!r}; use one of {', '.join(ROLES)}")
-        if self.role == "questioner":
-            if self.profile_form not in PROFILE_FORMS:
-                raise UsageError(f"--profile-form must be one of {', '.join(PROFILE_FORMS)}, not {self.profile_form!r}")
-        else:
-            self.profile_form = None
-        if self.schedule not in SCHEDULES:
-            raise UsageError(f"--schedule must be one of {', '.join(SCHEDULES)}, not {self.schedule!r}")
-        if self.layout not in LAYOUTS:
-            raise UsageError(f"--layout must be one of {', '.join(LAYOUTS)}, not {self.layout!r}")
+        for config_field in fields(self):
+            description = option_of(config_field)
+            if description is None:
+                continue
+            if self.role not in description.roles:
+                # The other command's option: this run has none, and its run card says so.
+                setattr(self, config_field.name, None)
+                continue
+            problem = description.problem(getattr(self, config_field.name))
+            if problem is not None:
+                raise UsageError(f"{flag(config_field.name)} {problem}")
         if self.layout == "conversation" and self.profile_form == "answers":
             raise UsageError("--layout conversation needs --profile-form qa: the 'answers' prompts are not one conversation")
-        if self.precision not in PRECISIONS:
-            raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
-        positive = {"lora_r": self.lora_r, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
-                    "epochs": self.epochs, "max_length": self.max_length}
-        for name, value in positive.items():
-            if value < 1:
-                raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise UsageError(f"--max-steps must be at least 1, got {self.max_steps}")
-        if not 0.0 <= self.eval_fraction < 1.0:
-            raise UsageError(f"--eval-fraction must be in [0, 1), got {self.eval_fraction}")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise UsageError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
-        if not 0.0 <= self.warmup_ratio <= 1.0:
-            raise UsageError(f"--warmup-ratio must be in [0, 1], got {self.warmup_ratio}")
-        if self.lr <= 0:
-            raise UsageError(f"--lr must be positive, got {self.lr}")
         parse_model_spec(self.base)
         if not self.target_module_list():
             raise UsageError("--target-modules names no module; use 'all-linear' or e.g. q_proj,v_proj")
@@ -106,8 +176,14 @@ class TrainConfig:
         return data
 
     def resume_mismatches(self, saved: dict[str, Any]) -> list[str]:
-        return [
-            f"{key}: checkpoint has {saved.get(key)!r}, now {getattr(self, key)!r}"
-            for key in RESUME_MUST_MATCH
-            if saved.get(key) != getattr(self, key)
-        ]
+        """Each option a resumed run may not change that differs from ``saved`` (a checkpoint's
+        options), as 'name: checkpoint has X, now Y'; empty when the run can resume."""
+        mismatches = []
+        for config_field in fields(self):
+            description = option_of(config_field)
+            if description is not None and description.resumable:
+                continue
+            name, now = config_field.name, getattr(self, config_field.name)
+            if saved.get(name) != now:
+                mismatches.append(f"{name}: checkpoint has {saved.get(name)!r}, now {now!r}")
+        return mismatches
