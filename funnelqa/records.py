@@ -1,7 +1,7 @@
 """The record contract (../DESIGN.md) and JSONL streaming with resumable, atomic outputs.
 
-Readers yield records lazily so stages chain in a shell pipe; a bad line names its file and line.
-Writers append to ``FILE.partial`` as records finish and rename it to ``FILE`` at the end, so an
+Lines are read and written with jsonlines. Readers yield records lazily so stages chain in a
+shell pipe; a bad line names its file and line. Writers append to ``FILE.partial`` as records finish and rename it to ``FILE`` at the end, so an
 output is never half-written and a killed run resumes from what it had finished.
 """
 
@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
+
+import jsonlines
 
 from funnelqa.errors import InputError, OutputInUse
 
@@ -120,6 +122,8 @@ def _open_source(source: str | os.PathLike) -> IO[bytes]:
 
 
 _BOM = b"\xef\xbb\xbf"
+# jsonlines drops one of these from the start of every line it reads (RFC 7464 puts an RS there).
+_LINE_MARKS = (_BOM, b"\x1e")
 # An escaped UTF-16 surrogate (half of an emoji cut in two): json.loads turns a lone one into a
 # str that no UTF-8 writer, cache key or HTTP client can encode.
 _ESCAPED_SURROGATE = re.compile(r"\\u[dD][89abcdefABCDEF]")
@@ -137,11 +141,37 @@ def scrub_surrogates(value: Any) -> Any:
     return value
 
 
-def _decode(raw: bytes) -> str:
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"not valid UTF-8 (byte 0x{raw[exc.start]:02x} at byte {exc.start + 1} of the line)") from None
+class _Lines:
+    """An input's lines as bytes, handed to ``jsonlines.Reader`` one at a time.
+
+    ``number`` and ``raw`` are those of the line handed out last: jsonlines numbers only the lines
+    it rejects, and a good record's line must be named too when validation fails.
+
+    A byte-order mark is dropped from the first line only (an editor's, at the start of the file).
+    jsonlines would drop a BOM or an RS from the start of every line; those stay errors here, as
+    they were, so a line that starts with one goes to jsonlines behind an extra BOM for it to drop
+    and reaches ``json.loads`` whole.
+    """
+
+    def __init__(self, handle: IO[bytes]):
+        self.handle = handle
+        self.number = 0
+        self.raw = b""
+
+    def __iter__(self) -> Iterator[bytes]:
+        for self.number, raw in enumerate(self.handle, start=1):
+            if self.number == 1 and raw.startswith(_BOM):
+                raw = raw[len(_BOM):]
+            self.raw = raw
+            yield _BOM + raw if raw.startswith(_LINE_MARKS) else raw
+
+
+def _parse_line(line: str) -> Any:
+    """``loads`` for jsonlines: the standard library's json, not the orjson that jsonlines prefers
+    when installed (it reads NaN, big integers and surrogates differently); columns counted
+    without the line break; escaped lone surrogates scrubbed."""
+    value = json.loads(line.rstrip("\r\n"))
+    return scrub_surrogates(value) if _ESCAPED_SURROGATE.search(line) else value
 
 
 def _not_jsonl(first_line: str, name: str) -> str | None:
@@ -155,6 +185,26 @@ def _not_jsonl(first_line: str, name: str) -> str | None:
         return ("holds pretty-printed JSON, not JSONL (one JSON object per line); "
                 f"convert it with: jq -c . {name} > {stem}.jsonl")
     return None
+
+
+def _rejected(exc: jsonlines.InvalidLineError, raw: bytes, name: str, *, first: bool) -> Exception:
+    """What to raise for a line that jsonlines rejected (``exc``), from the error it caught.
+
+    ``raw`` is the line as read; ``first`` says whether no line came before it (a file whose first
+    line fails may be a JSON array or pretty-printed JSON, and is named as such: InputError).
+    Otherwise a ValueError in funnelqa's words: the bad byte, or the JSON error and its column.
+    """
+    cause = exc.__cause__
+    if isinstance(cause, UnicodeDecodeError):
+        start = cause.start - (len(cause.object) - len(raw))  # not counting a BOM that _Lines put in front
+        return ValueError(f"not valid UTF-8 (byte 0x{raw[start]:02x} at byte {start + 1} of the line)")
+    if isinstance(cause, json.JSONDecodeError):
+        if first and (what := _not_jsonl(cause.doc, name)):
+            return InputError(name, None, what)
+        reason = cause.msg.removesuffix(" at")  # "Invalid control character at"
+        return ValueError(f"malformed JSON ({reason} at column {cause.colno})")
+    # An integer longer than int() reads, say: json's own words, without jsonlines' wrapping.
+    return cause if isinstance(cause, ValueError) else exc
 
 
 def read_records(
@@ -178,31 +228,25 @@ def read_records(
     name = source_name(source)
     handle = _open_source(source)
     owned = str(source) != "-"
+    lines = _Lines(handle)
+    reader = jsonlines.Reader(lines, loads=_parse_line)
     seen: set[str] = set()
     skipped = yielded = 0
     try:
-        for line_no, raw in enumerate(handle, start=1):
-            if line_no == 1 and raw.startswith(_BOM):
-                raw = raw[len(_BOM):]
-            if not raw.strip():
-                continue
+        while True:
             try:
-                line = _decode(raw)
                 try:
-                    record = json.loads(line.rstrip("\r\n"))
-                except json.JSONDecodeError as exc:
-                    if yielded == skipped == 0 and (what := _not_jsonl(line, name)):
-                        raise InputError(name, None, what) from None
-                    reason = exc.msg.removesuffix(" at")  # "Invalid control character at"
-                    raise ValueError(f"malformed JSON ({reason} at column {exc.colno})") from None
+                    record = reader.read(skip_empty=True, allow_none=True)
+                except EOFError:
+                    break
+                except jsonlines.InvalidLineError as exc:
+                    raise _rejected(exc, lines.raw, name, first=yielded == skipped == 0) from None
                 except RecursionError:
                     raise ValueError("JSON nested too deeply") from None
                 if not isinstance(record, dict):
                     if yielded == skipped == 0 and isinstance(record, list) and record and isinstance(record[0], dict):
                         raise InputError(name, None, _not_jsonl("[", name) or "")
                     raise ValueError(f"expected a JSON object, got {type(record).__name__}")
-                if _ESCAPED_SURROGATE.search(line):
-                    record = scrub_surrogates(record)
                 check_id(record)
                 key = str(record["id"])
                 if not allow_duplicate_ids and key in seen:
@@ -210,7 +254,7 @@ def read_records(
                 if validate is not None and "error" not in record:
                     validate(record)
             except ValueError as exc:
-                error = InputError(name, line_no, str(exc))
+                error = InputError(name, lines.number, str(exc))
                 if on_invalid is None:
                     raise error from None
                 on_invalid(error)
@@ -264,7 +308,7 @@ class RecordWriter:
     key: Callable[[Record], str] = lambda r: str(r["id"])
     resume: bool = True
     done: dict[str, Record] = field(default_factory=dict)
-    _handle: IO[str] | None = None
+    _writer: jsonlines.Writer | None = None
     written: int = 0
     _lock: Any = None
     _digests: dict[str, str] = field(default_factory=dict)  # key -> digest of the partial's line
@@ -273,7 +317,7 @@ class RecordWriter:
 
     def __post_init__(self) -> None:
         if self.path is None:
-            self._handle = sys.stdout
+            self._writer = jsonlines.Writer(sys.stdout, dumps=dumps, flush=True)
             return
         from filelock import FileLock, Timeout
 
@@ -298,19 +342,19 @@ class RecordWriter:
             partial.unlink()
         if partial.exists():
             with open(partial, encoding="utf-8", errors="replace") as handle:
-                for line in handle:
+                # A line cut short by the kill is invalid: skipped, its record is redone.
+                for record in jsonlines.Reader(handle, loads=json.loads).iter(skip_invalid=True):
                     try:
-                        record = json.loads(line)
                         key = self.key(record)
-                    except (json.JSONDecodeError, TypeError, KeyError):
-                        continue  # a line cut short by the kill: its record is redone
+                    except (TypeError, KeyError):
+                        continue
                     digest = record.pop(_DIGEST_KEY, None)
                     # A key seen twice: the later line is the newer answer.
                     self.done[key] = record
                     self._digests[key] = digest
-            with open(partial, "w", encoding="utf-8") as handle:
-                handle.writelines(self._line(record, self._digests[key]) for key, record in self.done.items())
-        self._handle = open(partial, "a", encoding="utf-8")
+            with jsonlines.open(partial, "w", dumps=dumps) as writer:
+                writer.write_all(self._with_digest(record, self._digests[key]) for key, record in self.done.items())
+        self._writer = jsonlines.open(partial, "a", dumps=dumps, flush=True)
 
     @property
     def partial_path(self) -> Path:
@@ -329,19 +373,19 @@ class RecordWriter:
         return False
 
     @staticmethod
-    def _line(record: Record, digest: str | None) -> str:
-        return dumps({**record, _DIGEST_KEY: digest} if digest else record) + "\n"
+    def _with_digest(record: Record, digest: str | None) -> Record:
+        return {**record, _DIGEST_KEY: digest} if digest else record
 
     def write(self, record: Record) -> None:
-        assert self._handle is not None
+        """Write ``record`` as one line and flush it, so a kill loses no finished record."""
+        assert self._writer is not None
         if self.path is None or not self.resume:
-            self._handle.write(dumps(record) + "\n")
+            self._writer.write(record)
         else:
             key = self.key(record)
-            self._handle.write(self._line(record, self._inputs.get(key)))
+            self._writer.write(self._with_digest(record, self._inputs.get(key)))
             self.done[key] = record
             self._resumed.add(key)
-        self._handle.flush()
         self.written += 1
 
     def write_many(self, records: Iterable[Record]) -> None:
@@ -353,10 +397,10 @@ class RecordWriter:
 
         Resuming, only the records of this run's inputs get there (resumed or written), once each.
         """
-        if self.path is None or self._handle is None:
+        if self.path is None or self._writer is None:
             return
-        self._handle.close()
-        self._handle = None
+        self._writer.close()
+        self._writer = None
         try:
             if self.resume:
                 tmp = self.path.with_name(self.path.name + ".tmp")
@@ -369,23 +413,22 @@ class RecordWriter:
             self._unlock()
 
     def _keep_this_runs_records(self, target: Path) -> None:
-        with open(self.partial_path, encoding="utf-8") as handle:
-            kept: dict[str, Record] = {}
-            for line in handle:
-                record = json.loads(line)
+        kept: dict[str, Record] = {}
+        with jsonlines.open(self.partial_path, loads=json.loads) as reader:
+            for record in reader:
                 record.pop(_DIGEST_KEY, None)
                 key = self.key(record)
                 if key in self._resumed:
                     kept.pop(key, None)  # the later line wins, in the place it was written
                     kept[key] = record
-        with open(target, "w", encoding="utf-8") as handle:
-            handle.writelines(dumps(record) + "\n" for record in kept.values())
+        with jsonlines.open(target, "w", dumps=dumps) as writer:
+            writer.write_all(kept.values())
 
     def abandon(self) -> None:
         """Stop without committing; the partial file stays for the next run to resume."""
-        if self.path is not None and self._handle is not None:
-            self._handle.close()
-            self._handle = None
+        if self.path is not None and self._writer is not None:
+            self._writer.close()
+            self._writer = None
             if self.partial_path.exists() and self.partial_path.stat().st_size == 0:
                 self.partial_path.unlink()  # e.g. an input error before any work: nothing to resume
         self._unlock()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -175,6 +176,21 @@ def test_a_small_budget_evicts_and_answers_stay_right(tiny):
     assert tight.generate(requests) == reference.generate(requests)
     cache = tight.prefix_cache
     assert cache.stats.evicted_blocks > 0 and cache.used_bytes <= cache.budget_bytes
+
+
+def test_generation_uses_the_current_cache_api_without_deprecation_warnings(tiny):
+    # transformers 5.24 renamed forward's ``past_key_values`` to ``cache`` and warns on the old name
+    # at every call; the warning would reach users on every run.
+    backend = load_backend(f"hf:{tiny}", BackendOptions(batch_size=3, device="cpu", dtype="float32"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for requests in interview_like(3):  # the later turns start from kept prefixes
+            backend.generate(requests)
+        short, long = questions(2)  # one row leaves the batch early: the cache drops it
+        backend.generate([Request(messages=short.messages, max_tokens=1), Request(messages=long.messages, max_tokens=6)])
+    assert backend.prefix_cache.stats.reused_tokens > 0
+    deprecations = [str(w.message) for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))]
+    assert deprecations == []
 
 
 def test_models_answer_in_bf16_on_cpus_with_bf16_arithmetic(tiny, monkeypatch):

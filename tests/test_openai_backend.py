@@ -172,6 +172,23 @@ def test_one_request_failing_for_good_leaves_its_batch_mates_answered(server, co
     assert len(server.requests) == 3 + 2
 
 
+def test_each_backoff_is_one_stderr_line_with_its_reason_wait_and_retry_and_no_secret(server, capsys):
+    # A key in the base URL and one the server echoes in its message: neither may reach the log.
+    server.error_body = lambda status, message: {"error": {"message": f"{message} See {server.url}/quota?api_key=sk-LEAKED"}}
+    secret_url = server.url.replace("http://", "http://user:sk-SECRET@") + "/v1"
+    server.inject("429", "503")
+    with closing(OpenAIBackend(MODEL, secret_url, timeout=5, concurrency=1, max_retries=3)) as backend:
+        assert backend.generate(questions(1)) == ["echo: question 0"]
+        assert backend.counters() == {"http_retries": 2}
+    err = capsys.readouterr().err
+    assert "SECRET" not in err and "LEAKED" not in err
+    label = f"openai:{MODEL}@http://***@127.0.0.1:{server.url.rsplit(':', 1)[1]}/v1"
+    first, second = [line for line in err.splitlines() if "; retry " in line]
+    assert first.startswith(f"{label}: HTTP 429: Injected fault")
+    assert first.endswith("?api_key=***; retry 1 of 3 in 0.0 s, the server asked for 0 s")
+    assert second.startswith(f"{label}: HTTP 503: Injected fault") and second.endswith("; retry 2 of 3 in 0.0 s")
+
+
 def test_client_errors_are_not_retried_and_keep_the_server_message(server, connect):
     server.inject("400", "401")
     [answer] = connect().generate_each(questions(1))

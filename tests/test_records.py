@@ -35,6 +35,37 @@ def test_contract_violations(tmp_path, line, message):
         list(records.read_records(path, records.check_profile))
 
 
+GOOD_A, GOOD_B = b'{"id": "a", "profile": "x"}', b'{"id": "b", "profile": "y"}'
+BOM = b"\xef\xbb\xbf"
+
+
+@pytest.mark.parametrize(
+    "data, outcome",
+    [
+        (BOM + GOOD_A + b"\r\n\r\n \t\n" + GOOD_B, ["a", "b"]),  # an editor's BOM, CRLF, blank lines
+        (BOM + b"\n" + GOOD_A + b"\n", ["a"]),
+        # jsonlines alone would drop a BOM or RS at the start of any line: only the file's first BOM goes.
+        (GOOD_A + b"\n" + BOM + GOOD_B + b"\n", ":2: malformed JSON (Unexpected UTF-8 BOM (decode using utf-8-sig) at column 1)"),
+        (BOM + BOM + GOOD_A + b"\n", ":1: malformed JSON (Unexpected UTF-8 BOM"),
+        (GOOD_A + b"\n\x1e" + GOOD_B + b"\n", ":2: malformed JSON (Expecting value at column 1)"),
+        (GOOD_A + b"\n" + BOM + b'{"id": "b", "profile": "\xe9"}\n', ":2: not valid UTF-8 (byte 0xe9 at byte 28 of the line)"),
+        (GOOD_A + b'\n{"id": "b", "profile": \r\n', ":2: malformed JSON (Expecting value at column 24)"),
+        (GOOD_A + b"\nnull\n", ":2: expected a JSON object, got NoneType"),
+        (b'{"id": "a", "n": ' + b"9" * 5000 + b"}\n", ":1: Exceeds the limit (4300 digits)"),
+        (b"[" * 100_000 + b"]" * 100_000 + b"\n", ":1: JSON nested too deeply"),
+    ],
+)
+def test_odd_bytes_read_as_they_always_did(tmp_path, data, outcome):
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(data)
+    if isinstance(outcome, list):
+        assert [r["id"] for r in records.read_records(path)] == outcome
+    else:
+        with pytest.raises(InputError) as caught:
+            list(records.read_records(path))
+        assert str(caught.value).startswith(f"{path}{outcome}")
+
+
 def test_duplicate_ids_and_skip_invalid(tmp_path):
     path = write_lines(
         tmp_path / "p.jsonl",

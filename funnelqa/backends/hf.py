@@ -189,14 +189,20 @@ class HFBackend(Backend):
         return [self.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in answers]
 
     def _forward(self, input_ids, mask, positions, cache):
+        """Logits ``[rows, vocab]`` of each row's last position; ``cache`` (a DynamicCache) grows in place."""
         output = self.model(
             input_ids=input_ids,
             attention_mask=mask,
             position_ids=positions,
-            past_key_values=cache,
+            cache=cache,
             use_cache=True,
             logits_to_keep=1,
         )
+        if getattr(output, "cache", None) is not cache:
+            # transformers before 5.24 knows the argument as ``past_key_values`` and would leave this
+            # cache empty: every step would see only its newest token and answer garbage.
+            raise BackendError(f"{self.spec}: the model did not use the key/value cache it was given; "
+                               "funnelqa needs transformers>=5.24")
         return output.logits[:, -1, :]
 
     def _keep_prefixes(self, token_ids: list[list[int]], cached: list[int], cache, width: int) -> None:

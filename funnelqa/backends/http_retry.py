@@ -7,7 +7,8 @@ policy lives here only, so both backends behave alike and their clients' own ret
 
 A request that fails for good (a bad request, retries spent) becomes a failed ``Answer`` and its
 batch-mates go on; only a fault that no request can get past (no server, a rejected key, an
-unknown model) stops the batch. Each wait is logged on stderr with its reason.
+unknown model) stops the batch. tenacity runs the attempts; each wait is logged on stderr with
+its reason and length, credentials in URLs masked.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
 import httpx
+from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt
 
 from funnelqa.backends import Answer, Backend, Request, raise_failures
 from funnelqa.errors import BackendError, BackendUnavailable
@@ -167,30 +169,57 @@ class HTTPBackend(Backend):
         return answers
 
     def _call_with_retries(self, request: Request, stop: threading.Event) -> str:
-        attempts = self.max_retries + 1
-        for attempt in range(attempts):
+        """``call_once`` tried up to ``max_retries + 1`` times, with a logged backoff between tries.
+
+        Returns the answer, or a failed Answer when this request cannot succeed (a bad request,
+        retries spent). Raises BackendUnavailable when no request can (nothing listens at the
+        address, a rejected key), and _Abandoned when ``stop`` is set, between tries or during a wait.
+        """
+
+        def attempt() -> str:
             if stop.is_set():
                 raise _Abandoned(f"{self.label}: abandoned: the batch stopped")
-            try:
-                return self.call_once(request)
-            except RetryableFailure as failure:
-                last = failure
-            except BackendUnavailable:
-                raise
-            except BackendError as exc:
-                # This request is wrong (e.g. HTTP 400); the others may be fine.
-                return Answer("", "failed", str(exc))
-            if attempt + 1 < attempts:
-                delay = backoff_delay(attempt, self.backoff_base, self.backoff_cap, last.retry_after, self._rng)
-                hint = f", the server asked for {last.retry_after:g} s" if last.retry_after is not None else ""
-                _log_wait(f"{self.label}: {last.reason}; retry {attempt + 1} of {self.max_retries} in {delay:.1f} s{hint}")
-                with self._lock:
-                    self.http_retries += 1
-                if stop.wait(delay):
-                    raise _Abandoned(f"{self.label}: abandoned: the batch stopped")
-        tries = f"{attempts} attempt{'s' if attempts > 1 else ''}"
-        if last.unreachable:
-            raise BackendUnavailable(
-                f"no server answers at {self.base_url} ({last.reason}; {tries}); start it or fix the URL"
-            )
-        return Answer("", "failed", f"{self.label}: gave up after {tries}: {last.reason}")
+            return self.call_once(request)
+
+        def sleep(seconds: float) -> None:
+            if stop.wait(seconds):
+                raise _Abandoned(f"{self.label}: abandoned: the batch stopped")
+
+        attempts = self.max_retries + 1
+        retrying = Retrying(
+            retry=retry_if_exception_type(RetryableFailure),
+            stop=stop_after_attempt(attempts),
+            wait=self._backoff,
+            before_sleep=self._log_backoff,
+            sleep=sleep,
+            reraise=True,  # the last RetryableFailure itself, not tenacity's RetryError
+        )
+        try:
+            return retrying(attempt)
+        except RetryableFailure as last:
+            tries = f"{attempts} attempt{'s' if attempts > 1 else ''}"
+            if last.unreachable:
+                raise BackendUnavailable(
+                    redact(f"no server answers at {self.base_url} ({last.reason}; {tries}); start it or fix the URL")
+                ) from None
+            return Answer("", "failed", redact(f"{self.label}: gave up after {tries}: {last.reason}"))
+        except (BackendUnavailable, _Abandoned):
+            raise
+        except BackendError as exc:
+            # This request is wrong (e.g. HTTP 400); the others may be fine.
+            return Answer("", "failed", str(exc))
+
+    def _backoff(self, state: RetryCallState) -> float:
+        """tenacity's wait: seconds before the next try, from the failure of the last one."""
+        failure = state.outcome.exception()
+        return backoff_delay(state.attempt_number - 1, self.backoff_base, self.backoff_cap, failure.retry_after, self._rng)
+
+    def _log_backoff(self, state: RetryCallState) -> None:
+        """tenacity's before_sleep: one stderr line per wait, e.g.
+        ``gemini:m: HTTP 429: quota; retry 1 of 4 in 2.0 s, the server asked for 2 s``."""
+        failure = state.outcome.exception()
+        hint = f", the server asked for {failure.retry_after:g} s" if failure.retry_after is not None else ""
+        _log_wait(redact(f"{self.label}: {failure.reason}; retry {state.attempt_number} of {self.max_retries} "
+                         f"in {state.next_action.sleep:.1f} s{hint}"))
+        with self._lock:
+            self.http_retries += 1
