@@ -17,9 +17,10 @@ from typing import Any
 
 from funnelqa import records
 from funnelqa.backends import Backend, Request, answer_status
+from funnelqa.parsing import extract_json, match_tags
 from funnelqa.prompts import load
 from funnelqa.records import Record
-from funnelqa.render import extract_json, format_tags, match_tags
+from funnelqa.render import format_tags
 
 TAGS_SCHEMA = {
     "type": "object",

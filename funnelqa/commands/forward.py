@@ -23,7 +23,7 @@ def run_forward(stage_name: str, source: str, out: Optional[Path], model: str, *
                 skip_invalid: bool, no_cache: bool, concurrency: int, timeout: float,
                 batch_size: int, max_tokens: Optional[int], dtype: str = "auto") -> None:
     from funnelqa import records
-    from funnelqa.backends import open_backend
+    from funnelqa.backends import ModelSpec, open_backend
     from funnelqa.console import progress, stderr
     from funnelqa.forward import STAGES, run_stage
 
@@ -35,7 +35,7 @@ def run_forward(stage_name: str, source: str, out: Optional[Path], model: str, *
         stderr.print(f"[yellow]skipped[/] {error}")
 
     inputs = records.read_records(source, stage.needs, on_invalid=report if skip_invalid else None)
-    backend = open_backend(model, common.backend_options(concurrency, timeout, batch_size, dtype), use_cache=not no_cache)
+    backend = open_backend(ModelSpec.parse(model), common.backend_options(concurrency, timeout, batch_size, dtype), use_cache=not no_cache)
     with records.RecordWriter(common.out_path(out)) as writer, progress() as bar:
         task = bar.add_task(stage_name, total=None, status="")
         summary = run_stage(stage, inputs, backend, writer, retries=retries, batch_size=batch_size,
