@@ -27,7 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from funnelqa.backends import Backend, BackendOptions, Request, open_backend  # noqa: E402
+from funnelqa.backends import Backend, BackendOptions, ModelSpec, Request, open_backend  # noqa: E402
 from funnelqa.console import stderr  # noqa: E402
 from funnelqa.questioners import LLMQuestioner  # noqa: E402
 from funnelqa.records import check_questions, load_records  # noqa: E402
@@ -83,7 +83,7 @@ def main() -> None:
     records = load_records(args.forward, check_questions)[: args.users]
     options = BackendOptions(batch_size=len(records), device=args.device, dtype=args.dtype)
     stderr.print(f"loading {args.model} ...")
-    backend = open_backend(args.model, options, use_cache=False)
+    backend = open_backend(ModelSpec.parse(args.model), options, use_cache=False)
     plain = PlainGenerate(backend)
     roles = {
         "batched": (LLMQuestioner(backend, "qa"), UserSimulator(backend)),

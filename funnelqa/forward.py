@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from funnelqa import records
-from funnelqa.backends import Backend, BackendOptions, Request, answer_status, open_backend
+from funnelqa.backends import Backend, BackendOptions, ModelSpec, Request, answer_status, open_backend
 from funnelqa.errors import InputError, UsageError
+from funnelqa.parsing import extract_json, match_tags
 from funnelqa.prompts import load
 from funnelqa.records import Record
-from funnelqa.render import extract_json, format_tags, match_tags
+from funnelqa.render import format_tags
 
 TAGS_SCHEMA = {
     "type": "object",
@@ -348,7 +349,7 @@ def run_file(
     stage_name: str,
     source: str | Path,
     out: Path | None,
-    model: str,
+    model: ModelSpec,
     *,
     options: BackendOptions | None = None,
     use_cache: bool = True,

@@ -1,6 +1,6 @@
 """The one way to find, convert and load a causal LM: used by the hf/local backends and by training.
 
-Model specs:
+Model specs (``funnelqa.backends.ModelSpec``):
 - ``local`` / ``local:smollm2-135m`` / ``local:gemma3-270m``: a GGUF embedded in a PyPI package;
 - ``hf:PATH``: a transformers model directory, or a ``.gguf`` file;
 each optionally followed by ``+ADAPTER_DIR``, a peft adapter saved by ``train-questioner`` or
@@ -20,13 +20,15 @@ import json
 import os
 import warnings
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from funnelqa.backends import ADAPTER_BACKENDS, ModelSpec
 from funnelqa.cache import default_cache_dir
 from funnelqa.errors import BackendUnavailable, UsageError
+from funnelqa.redact import redact
 
 
 DEFAULT_LOCAL = "smollm2-135m"
@@ -71,37 +73,24 @@ LOCAL_MODELS: dict[str, LocalModel] = {
 }
 
 
-@dataclass(frozen=True)
-class ModelSpec:
-    """A parsed model spec: ``kind`` is ``local`` or ``hf``; ``name`` the local model name or the path."""
-
-    kind: str
-    name: str
-    adapter: Path | None = None
-
-    def __str__(self) -> str:
-        text = f"{self.kind}:{self.name}"
-        return f"{text}+{self.adapter}" if self.adapter else text
-
-
 def parse_model_spec(spec: str | ModelSpec) -> ModelSpec:
-    """Parse ``local[:NAME][+ADAPTER]`` or ``hf:PATH[+ADAPTER]``. The first ``+`` starts the adapter."""
-    if isinstance(spec, ModelSpec):
+    """The model ``spec`` names, as this module loads it: ``local`` or ``hf``, the embedded default
+    filled in (``local+runs/q`` -> ``local:smollm2-135m+runs/q``), so one model has one spec.
+
+    A string is read with ``ModelSpec.parse``. Raises UsageError for an unknown embedded model or
+    anything but a ``local`` or ``hf`` spec (``gemini:``, ``openai:``, ``fake:`` load no weights here).
+    """
+    backend = spec.backend if isinstance(spec, ModelSpec) else ModelSpec.backend_of(spec)
+    if backend not in ADAPTER_BACKENDS:
+        raise UsageError(f"model spec {redact(str(spec))!r} is neither local[:NAME] nor hf:PATH (optionally +ADAPTER_DIR)")
+    if isinstance(spec, str):
+        spec = ModelSpec.parse(spec)
+    if spec.backend == "hf":
         return spec
-    base, plus, adapter = spec.partition("+")
-    if plus and not adapter:
-        raise UsageError(f"model spec {spec!r} ends with '+' but names no adapter directory")
-    kind, _, name = base.partition(":")
-    if kind == "local":
-        name = name or DEFAULT_LOCAL
-        if name not in LOCAL_MODELS:
-            raise UsageError(f"unknown local model {name!r} in {spec!r}; use one of: {', '.join(LOCAL_MODELS)}")
-    elif kind == "hf":
-        if not name:
-            raise UsageError(f"model spec {spec!r} names no path; use hf:PATH (a model directory or a .gguf file)")
-    else:
-        raise UsageError(f"model spec {spec!r} is neither local[:NAME] nor hf:PATH (optionally +ADAPTER_DIR)")
-    return ModelSpec(kind=kind, name=name, adapter=Path(adapter) if adapter else None)
+    name = spec.model or DEFAULT_LOCAL
+    if name not in LOCAL_MODELS:
+        raise UsageError(f"unknown local model {name!r} in {spec.redacted()!r}; use one of: {', '.join(LOCAL_MODELS)}")
+    return replace(spec, model=name)
 
 
 def models_cache_dir() -> Path:
@@ -115,9 +104,9 @@ def models_cache_dir() -> Path:
 def resolve_base(spec: str | ModelSpec) -> Path:
     """The transformers directory holding the base model, converting a GGUF on first use."""
     spec = parse_model_spec(spec)
-    if spec.kind == "local":
-        return _resolve_local(spec.name)
-    path = Path(spec.name).expanduser()
+    if spec.backend == "local":
+        return _resolve_local(spec.model)
+    path = Path(spec.model).expanduser()
     if not path.exists():
         raise BackendUnavailable(f"model path not found: {path}")
     if path.is_file():

@@ -13,16 +13,12 @@ import json
 import random
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from pathlib import Path
-from typing import TYPE_CHECKING
 
-from funnelqa import render
-from funnelqa.backends import Backend, Request, answer_status
+from funnelqa import parsing, render
+from funnelqa.backends import Backend, ModelSpec, Request, answer_status
 from funnelqa.errors import UsageError
+from funnelqa.interview import Interview
 from funnelqa.repeats import is_repeat
-
-if TYPE_CHECKING:
-    from funnelqa.simulate import Interview
 
 ORACLE = "oracle"
 ORACLE_SHUFFLED = "oracle-shuffled"
@@ -80,7 +76,7 @@ class LLMQuestioner(Questioner):
                 interview.fail("questioner", detail)
                 questions.append(None)
             else:
-                questions.append(render.parse_question(text))
+                questions.append(parsing.parse_question(text))
         if self.no_repeat:
             self._replace_repeats(interviews, questions)
         return questions
@@ -99,7 +95,7 @@ class LLMQuestioner(Questioner):
         ])
         for n, i in enumerate(repeating):
             asked = [turn["question"] for turn in interviews[i].turns]
-            candidates = [render.parse_question(text) for text in samples[n * NO_REPEAT_CANDIDATES : (n + 1) * NO_REPEAT_CANDIDATES]]
+            candidates = [parsing.parse_question(text) for text in samples[n * NO_REPEAT_CANDIDATES : (n + 1) * NO_REPEAT_CANDIDATES]]
             fresh = next((c for c in candidates if c and not is_repeat(c, asked)), None)
             interviews[i].guard = {"repeat": questions[i], "replaced": fresh is not None}
             if fresh is not None:
@@ -129,9 +125,16 @@ class OracleQuestioner(Questioner):
         return questions
 
 
-def open_questioner(spec: str, profile_form: str, open_model: Callable[[str], Backend], *, seed: int = 0,
-                    no_repeat: bool = False) -> Questioner:
-    """``oracle``, ``oracle-shuffled``, or a model spec opened with ``open_model``."""
+def parse_questioner(text: str) -> str | ModelSpec:
+    """A questioner named on the command line: a reference questioner's name, else its ModelSpec
+    (UsageError when ``text`` is neither)."""
+    return text if text in REFERENCE_QUESTIONERS else ModelSpec.parse(text)
+
+
+def open_questioner(spec: str | ModelSpec, profile_form: str, open_model: Callable[[ModelSpec], Backend], *,
+                    seed: int = 0, no_repeat: bool = False) -> Questioner:
+    """The questioner ``spec`` (from ``parse_questioner``) names: ``oracle``, ``oracle-shuffled``,
+    or a model opened with ``open_model``."""
     if spec in REFERENCE_QUESTIONERS and no_repeat:
         raise UsageError("--no-repeat guards a model questioner; the oracles ask each of their questions once")
     if spec == ORACLE:
@@ -141,15 +144,15 @@ def open_questioner(spec: str, profile_form: str, open_model: Callable[[str], Ba
     return LLMQuestioner(open_model(spec), profile_form, no_repeat=no_repeat)
 
 
-def default_profile_form(spec: str) -> str:
-    """The form a fine-tuned questioner was trained on (its adapter's run_card.json), else ``qa``.
+def default_profile_form(spec: str | ModelSpec) -> str:
+    """The form a fine-tuned questioner was trained on (its adapter's run_card.json), else ``qa``;
+    ``spec`` as from ``parse_questioner``.
 
     ``qa`` is the default because the paper found question history helps a trained questioner
     avoid repeats (Sec. 4.2.3).
     """
-    _, plus, adapter = spec.partition("+")  # as models.parse_model_spec: the first '+' starts the adapter
-    if plus and adapter:
-        card = Path(adapter) / "run_card.json"
+    if isinstance(spec, ModelSpec) and spec.adapter is not None:
+        card = spec.adapter / "run_card.json"
         try:
             form = json.loads(card.read_text(encoding="utf-8")).get("profile_form")
         except (OSError, json.JSONDecodeError, AttributeError):

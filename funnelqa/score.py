@@ -20,6 +20,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from funnelqa import metrics
+from funnelqa.backends import ModelSpec
 from funnelqa.errors import InputError, UsageError
 from funnelqa.records import Record, RecordWriter, check_session, read_records, source_name
 from funnelqa.repeats import repeated_turns
@@ -383,13 +384,22 @@ def score_sessions(sessions: Iterable[Record], *, seed: int = 0, cache: metrics.
     return scorer.result()
 
 
-def _short_spec(spec: str) -> str:
-    """`hf:/long/path/base+runs/q-lora` -> `hf:base+q-lora`: names for a table, not for loading."""
-    name, colon, arg = spec.partition(":")
-    if not colon:
-        return spec
-    parts = [Path(part.rstrip("/")).name or part for part in arg.split("+")]
-    return f"{name}:{'+'.join(parts)}"
+def _short_spec(text: str) -> str:
+    """`hf:/long/path/base+runs/q-lora` -> `hf:base+q-lora`: names for a table, not for loading.
+
+    ``text`` is a session's questioner or simulator: a model spec, or anything else (``oracle``,
+    a spec this version does not read), which is its own name.
+    """
+    try:
+        spec = ModelSpec.parse(text)
+    except UsageError:
+        return text
+    short = spec.backend + (f":{_last_part(spec.model)}" if spec.model else "")
+    return short + (f"+{_last_part(str(spec.adapter))}" if spec.adapter else "")
+
+
+def _last_part(path: str) -> str:
+    return Path(path.rstrip("/")).name or path
 
 
 def system_name(sessions: Sequence[Record], source: str) -> str:

@@ -13,13 +13,14 @@ per turn, which is what makes a GPU (or even a CPU) worth having here.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from funnelqa import render
-from funnelqa.backends import Backend, BackendOptions, Request, answer_status, open_backend
+from funnelqa import parsing, render
+from funnelqa.backends import Backend, BackendOptions, ModelSpec, Request, answer_status, open_backend
 from funnelqa.errors import UsageError
-from funnelqa.questioners import ORACLE_SHUFFLED, Questioner, default_profile_form, open_questioner
+from funnelqa.interview import STOP_COMPLETE, STOP_EXHAUSTED, STOP_LIMIT, Interview
+from funnelqa.questioners import ORACLE_SHUFFLED, Questioner, default_profile_form, open_questioner, parse_questioner
 from funnelqa.records import Record, RecordWriter, check_questions, read_records
 from funnelqa.redact import redact
 
@@ -33,84 +34,6 @@ ANSWER_SCHEMA = {
     "properties": {"answer": {"type": "string"}, "tags": {"type": "array", "items": {"type": "string"}}},
     "required": ["answer", "tags"],
 }
-
-STOP_LIMIT = "limit"  # asked max_questions
-STOP_COMPLETE = "complete"  # every target tag revealed: P_current == P_n
-STOP_EXHAUSTED = "exhausted"  # a reference questioner had no question left
-STOP_ERROR = "error"  # a model call for this user failed for good; the session carries the error
-
-
-@dataclass
-class Interview:
-    """One user's interview in progress."""
-
-    record: Record
-    turns: list[dict] = field(default_factory=list)
-    elicited: list[dict] = field(default_factory=list)
-    stop: str | None = None
-    # What the --no-repeat guard did to the question of the coming turn, kept with that turn.
-    guard: dict | None = None
-    # Why this interview stopped early: a model call for it failed for good (its batch-mates go on).
-    error: str | None = None
-
-    def fail(self, role: str, detail: str) -> None:
-        self.error = f"{role}: {detail}"
-        self.stop = STOP_ERROR
-
-    @property
-    def target(self) -> list[dict]:
-        return self.record["tags"]
-
-    def revealed(self) -> set[str]:
-        return {tag["tag"] for tag in self.elicited}
-
-    def known(self) -> list[dict]:
-        """JP_t in profile order, as `corrupt` renders it for training."""
-        revealed = self.revealed()
-        return [{"tag": t["tag"], "content": t["content"]} for t in self.target if t["tag"] in revealed]
-
-    def history(self) -> list[dict]:
-        """The questions asked so far with their answers, as the questioner's conversation shows them."""
-        return [{"question": turn["question"], "answer": turn["answer"]} for turn in self.turns]
-
-    def simulator_history(self) -> list[dict]:
-        """The same turns as the simulated user said them: answer and revealed tags."""
-        return [{"question": turn["question"], "answer": turn["answer"], "tags": turn["tags"]} for turn in self.turns]
-
-    def add_turn(self, question: str, answer: str, tags: Sequence[str], raw: str | None) -> None:
-        content = {t["tag"]: t["content"] for t in self.target}
-        answered = bool(tags)
-        self.turns.append(
-            {
-                "question": question,
-                # Algorithm 2, line 9: a question the profile cannot answer gets "No preference".
-                "answer": answer if answered else render.NO_PREFERENCE,
-                "tags": list(tags),
-                "answered": answered,
-                "raw": raw,
-                **({"guard": self.guard} if self.guard else {}),
-            }
-        )
-        self.guard = None
-        revealed = self.revealed()
-        for name in tags:
-            if name not in revealed:
-                self.elicited.append({"tag": name, "content": content[name]})
-                revealed.add(name)
-
-    def complete(self) -> bool:
-        return len(self.revealed()) == len(self.target)
-
-    def session(self, meta: dict) -> Record:
-        return {
-            "id": self.record["id"],
-            "turns": self.turns,
-            "elicited": self.elicited,
-            "target": [{"tag": t["tag"], "content": t["content"]} for t in self.target],
-            **meta,
-            "stop": self.stop,
-            **({"error": {"stage": "simulate", "message": self.error}} if self.error else {}),
-        }
 
 
 class UserSimulator:
@@ -139,7 +62,7 @@ class UserSimulator:
                 interview.fail("simulator", detail)
                 replies.append(None)
             else:
-                replies.append((*render.parse_simulator(text, interview.target), str(text)))
+                replies.append((*parsing.parse_simulator(text, interview.target), str(text)))
         return replies
 
 
@@ -236,7 +159,9 @@ def simulate_file(
     """
     from funnelqa.console import stderr
 
-    form = profile_form or default_profile_form(questioner)
+    asker_spec = parse_questioner(questioner)
+    simulator_spec = ModelSpec.parse(simulator)
+    form = profile_form or default_profile_form(asker_spec)
     if form not in render.PROFILE_FORMS:
         raise UsageError(f"unknown profile form {form!r}; use one of {', '.join(render.PROFILE_FORMS)}")
     on_invalid = (lambda error: stderr.print(f"[yellow]skipped[/] {error}")) if skip_invalid else None
@@ -255,9 +180,9 @@ def simulate_file(
             stderr.print(f"resuming: {len(records) - len(todo)} of {len(records)} users already interviewed")
         if not todo:
             return 0
-        opened: dict[str, Backend] = {}
+        opened: dict[ModelSpec, Backend] = {}
 
-        def open_model(spec: str) -> Backend:
+        def open_model(spec: ModelSpec) -> Backend:
             # One model serves both roles when both name it: loaded once, one copy in memory.
             if spec not in opened:
                 opened[spec] = open_backend(spec, options, use_cache=use_cache, cache_path=cache_path)
@@ -266,7 +191,7 @@ def simulate_file(
         meta = {"questioner": questioner, "simulator": simulator, "profile_form": form}
         if no_repeat:
             meta["no_repeat"] = True
-        if questioner == ORACLE_SHUFFLED:
+        if asker_spec == ORACLE_SHUFFLED:
             meta["seed"] = seed
         # Sessions keep the specs: a key written into a base URL must not go with them.
         meta.update(questioner=redact(questioner), simulator=redact(simulator))
@@ -283,8 +208,8 @@ def simulate_file(
                 )
 
         try:
-            asker = open_questioner(questioner, form, open_model, seed=seed, no_repeat=no_repeat)
-            answerer = UserSimulator(open_model(simulator))
+            asker = open_questioner(asker_spec, form, open_model, seed=seed, no_repeat=no_repeat)
+            answerer = UserSimulator(open_model(simulator_spec))
             failed = 0
             for session in run_interviews(todo, asker, answerer, max_questions=max_questions, meta=meta, on_turn=report):
                 writer.write(session)

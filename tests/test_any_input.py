@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from funnelqa import metrics, records, render
-from funnelqa.backends import BackendOptions, Request, answer_status, load_backend
+from funnelqa import metrics, parsing, records, render
+from funnelqa.backends import BackendOptions, ModelSpec, Request, answer_status, load_backend
 from funnelqa.cache import cache_key
 from funnelqa.errors import InputError, OutputInUse
 from funnelqa.forward import InvalidOutput, accept_questions, accept_rank, accept_structure
@@ -89,17 +89,17 @@ def test_pretty_printed_json_and_one_line_arrays_are_named(tmp_path):
 @pytest.mark.parametrize("names", [["Жанр", "Эпоха"], ["शैली", "युग"], ["Είδος", "Εποχή"], ["ジャンル", "苦手なジャンル"]])
 def test_tag_names_in_any_script_match_and_do_not_collide(names):
     tags = [{"tag": name, "content": "x"} for name in names]
-    assert render.match_tags([names[1].upper(), names[0] + ":"], tags) == [names[1], names[0]]
-    assert len({render._normalise(name) for name in names}) == len(names)
+    assert parsing.match_tags([names[1].upper(), names[0] + ":"], tags) == [names[1], names[0]]
+    assert len({parsing._normalise(name) for name in names}) == len(names)
 
 
 def test_answers_in_any_script_count_as_answers():
     tags = [{"tag": "Жанр", "content": "Пользователь любит старые детективы."}]
-    assert render.parse_simulator('{"answer": "Я люблю детективы.", "tags": ["Жанр"]}', tags) == ("Я люблю детективы.", ["Жанр"])
+    assert parsing.parse_simulator('{"answer": "Я люблю детективы.", "tags": ["Жанр"]}', tags) == ("Я люблю детективы.", ["Жанр"])
     # Prose with no tag named: the tag whose content it repeats is revealed.
-    assert render.parse_simulator("Старые детективы, конечно.", tags) == ("Старые детективы, конечно.", ["Жанр"])
-    assert not render.is_no_preference("Да")
-    assert render.is_no_preference("No preference")
+    assert parsing.parse_simulator("Старые детективы, конечно.", tags) == ("Старые детективы, конечно.", ["Жанр"])
+    assert not parsing.is_no_preference("Да")
+    assert parsing.is_no_preference("No preference")
 
 
 def test_unicode_rouge_scores_cjk_and_leaves_latin_numbers_equal_to_evaluate():
@@ -126,13 +126,13 @@ def test_unicode_rouge_scores_cjk_and_leaves_latin_numbers_equal_to_evaluate():
     ("どんな映画が好きですか？", "どんな映画が好きですか？"),
 ])
 def test_questions_as_models_write_them(text, question):
-    assert render.parse_question(text) == question
+    assert parsing.parse_question(text) == question
 
 
 def test_a_reasoning_block_is_skipped_in_simulator_answers_and_json():
     text = '<think>{"answer": "Horror", "tags": ["Genre"]}</think>{"answer": "Crime films", "tags": ["Genre"]}'
-    assert render.parse_simulator(text, TAGS) == ("Crime films", ["Genre"])
-    assert render.extract_json('<think>draft: {"a": 1}</think> {"a": 2}') == {"a": 2}
+    assert parsing.parse_simulator(text, TAGS) == ("Crime films", ["Genre"])
+    assert parsing.extract_json('<think>draft: {"a": 1}</think> {"a": 2}') == {"a": 2}
 
 
 @pytest.mark.parametrize("answer", [
@@ -154,7 +154,7 @@ def test_rank_and_questions_reject_values_of_the_wrong_type():
         with pytest.raises(InvalidOutput):
             accept_questions(FORWARD, json.dumps({"questions": [item]}))
     # The simulator never turns a null tag or a list answer into the strings "None" or "['Drama']".
-    assert render.parse_simulator('{"answer": ["Drama"], "tags": [null]}', TAGS) == (render.NO_PREFERENCE, [])
+    assert parsing.parse_simulator('{"answer": ["Drama"], "tags": [null]}', TAGS) == (render.NO_PREFERENCE, [])
 
 
 def test_a_wrongly_typed_answer_is_asked_again(tmp_path):
@@ -226,7 +226,7 @@ def test_a_prompt_beyond_the_context_fails_alone_before_generating(tmp_path):
     config = json.loads((model / "config.json").read_text())
     config["max_position_embeddings"] = 48
     (model / "config.json").write_text(json.dumps(config))
-    backend = load_backend(f"hf:{model}", BackendOptions(device="cpu", dtype="float32"))
+    backend = load_backend(ModelSpec.parse(f"hf:{model}"), BackendOptions(device="cpu", dtype="float32"))
     long, short = Request.chat(None, "crime films " * 40, max_tokens=3), Request.chat(None, "hi", max_tokens=3)
     answers = backend.generate([long, short, long])
     finish, detail = answer_status(answers[0])
@@ -259,7 +259,7 @@ def test_credentials_in_urls_are_redacted(text, shown):
 
 
 def test_a_key_in_a_base_url_is_in_no_spec_cache_id_or_error_line(tmp_path):
-    backend = load_backend("openai:m@http://user:sk-SECRET@127.0.0.1:9/v1", BackendOptions(timeout=0.2, max_retries=0))
+    backend = load_backend(ModelSpec.parse("openai:m@http://user:sk-SECRET@127.0.0.1:9/v1"), BackendOptions(timeout=0.2, max_retries=0))
     assert "SECRET" not in backend.spec and "SECRET" not in backend.cache_id
     result = run_cli("structure", _profiles(tmp_path / "p.jsonl", 1), "--model",
                      "openai:m@http://user:sk-SECRET@127.0.0.1:9/v1", "--timeout", "0.2")

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from funnelqa import forward, records
-from funnelqa.backends import BackendOptions, CachedBackend
+from funnelqa.backends import BackendOptions, CachedBackend, ModelSpec
 from funnelqa.backends.fake import FakeBackend, prompt_text
 from funnelqa.cache import LLMCache
 from funnelqa.errors import BackendError, InputError
@@ -130,7 +130,7 @@ def _rank_file(tmp_path, monkeypatch, lines, respond):
     monkeypatch.setattr(forward, "open_backend", lambda *args, **kwargs: backend)
     source = tmp_path / "tagged.jsonl"
     source.write_text("".join(line + "\n" for line in lines))
-    return backend, lambda: forward.run_file("rank", source, tmp_path / "ranked.jsonl", "fake",
+    return backend, lambda: forward.run_file("rank", source, tmp_path / "ranked.jsonl", ModelSpec.parse("fake"),
                                              options=BackendOptions(batch_size=1))
 
 

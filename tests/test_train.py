@@ -384,11 +384,11 @@ def test_plain_transformers_and_peft_load_the_adapter(trained):
 def test_saved_adapter_loads_through_the_hf_backend_and_answers_like_the_trained_model(trained, tiny):
     import torch
 
-    from funnelqa.backends import BackendOptions, Request, load_backend
+    from funnelqa.backends import BackendOptions, ModelSpec, Request, load_backend
 
     trainer, _, _ = trained
     model, tokenizer = trainer.model.eval(), trainer.tokenizer
-    backend = load_backend(f"hf:{tiny}+{trainer.config.out}", BackendOptions(device="cpu", dtype="float32"))
+    backend = load_backend(ModelSpec.parse(f"hf:{tiny}+{trainer.config.out}"), BackendOptions(device="cpu", dtype="float32"))
     for line in corrupt_output(2, seed=5)[:3]:
         messages, _ = render_example(line, "questioner", "qa")
         prompt = {"input_ids": torch.tensor([encode_chat(tokenizer, messages).input_ids])}
@@ -568,12 +568,13 @@ def test_gradient_checkpointing_recomputes_the_same_gradients(tiny, examples, tm
 def test_simulate_prompts_are_the_training_conversations_token_for_token(tiny, tmp_path):
     """At turn t, the questioner's and the simulator's prompts in `simulate` are the tokens that
     precede target t in the training conversation of that user."""
-    from funnelqa.backends import BackendOptions, load_backend
+    from funnelqa.backends import BackendOptions, ModelSpec, load_backend
     from funnelqa.questioners import LLMQuestioner
-    from funnelqa.simulate import Interview, UserSimulator
+    from funnelqa.interview import Interview
+    from funnelqa.simulate import UserSimulator
 
     lines = [e for e in corrupt_output(1) if not e.get("negative")]
-    backend = load_backend(f"hf:{tiny}", BackendOptions(device="cpu", dtype="float32"))
+    backend = load_backend(ModelSpec.parse(f"hf:{tiny}"), BackendOptions(device="cpu", dtype="float32"))
     tokenizer = backend.tokenizer
     profile = lines[-1]["profile_tags"]
     questions = [(q, t["content"], [t["tag"]]) for (q, _), t in zip(QUESTIONS, profile)]

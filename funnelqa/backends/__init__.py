@@ -1,9 +1,10 @@
 """Model backends: one small protocol, batch in and batch out.
 
-A backend is chosen by a spec string such as ``gemini:gemini-2.0-flash``, ``hf:PATH+ADAPTER``,
-``openai:MODEL@BASE_URL``, ``local`` or ``fake:SCRIPT``. The registry maps the prefix to
-``module:Class`` and imports lazily, so ``funnelqa --help`` never pulls in torch. Stages only
-call ``generate``; they never look at which backend they hold.
+A backend is chosen by a spec string, read once into a ``ModelSpec``:
+``local[:NAME][+ADAPTER]``, ``hf:PATH[+ADAPTER]``, ``gemini:MODEL``, ``openai:MODEL@BASE_URL`` or
+``fake:SCRIPT``. The registry maps the spec's backend name to ``module:Class`` and imports it
+lazily, so ``funnelqa --help`` never pulls in torch; the class builds itself with ``from_spec``.
+Stages only call ``generate``; they never look at which backend they hold.
 """
 
 from __future__ import annotations
@@ -12,17 +13,95 @@ import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from funnelqa.errors import BackendError, UsageError
+from funnelqa.redact import redact
 
 REGISTRY: dict[str, str] = {
     "gemini": "funnelqa.backends.gemini:GeminiBackend",
     "openai": "funnelqa.backends.openai_compat:OpenAIBackend",
     "hf": "funnelqa.backends.hf:HFBackend",
-    "local": "funnelqa.backends.local:LocalBackend",
+    "local": "funnelqa.backends.hf:HFBackend",
     "fake": "funnelqa.backends.fake:FakeBackend",
 }
+# The backends that load weights themselves, and so can put a peft adapter on them.
+ADAPTER_BACKENDS = ("hf", "local")
+OPENAI_FORM = "openai:MODEL@BASE_URL, e.g. openai:qwen2.5-7b-instruct@http://localhost:8000/v1"
+
+
+@dataclass(frozen=True, repr=False)
+class ModelSpec:
+    """A model spec, read once: which backend, and what it loads.
+
+    ``backend`` is a REGISTRY name. ``model`` is the embedded model's name for ``local`` ("" for
+    the default one), a path for ``hf`` (a model directory or a .gguf file) and ``fake`` (its
+    script), the API's model name for ``gemini`` and ``openai``. ``adapter`` is a peft adapter
+    directory (``hf`` and ``local`` only); ``base_url`` the server of an ``openai`` spec, as written.
+    ``str()`` gives the spec back in a form ``parse`` reads to an equal value, any key written
+    into the base URL included; ``redacted()`` is the form to show, log or store.
+    """
+
+    backend: str
+    model: str = ""
+    adapter: Path | None = None
+    base_url: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> ModelSpec:
+        """Read a spec string; UsageError, naming the spec's right form, when it names nothing loadable.
+
+        For ``hf`` and ``local`` the first ``+`` starts the adapter (``local+runs/q`` names the
+        default embedded model with an adapter); other backends take the rest of the text whole.
+        Whether the files, packages and keys a spec needs exist is the backend's to find out.
+        """
+        name = cls.backend_of(text)
+        if name not in REGISTRY:
+            known = ", ".join(f"{key}:..." for key in REGISTRY)
+            raise UsageError(f"unknown model spec {redact(text)!r}; use one of {known}")
+        rest = text[len(name) :]
+        if name in ADAPTER_BACKENDS:
+            base, plus, adapter = rest.partition("+")
+            if plus and not adapter:
+                raise UsageError(f"model spec {redact(text)!r} ends with '+' but names no adapter directory")
+            spec = cls(name, base.removeprefix(":"), Path(adapter) if adapter else None)
+            if name == "hf" and not spec.model:
+                raise UsageError(f"model spec {redact(text)!r} names no path; use hf:PATH (a model directory or a .gguf file)")
+            return spec
+        if rest.startswith("+"):
+            raise UsageError(f"model spec {redact(text)!r}: only hf:PATH and local specs take +ADAPTER_DIR")
+        model = rest.removeprefix(":")
+        if name == "gemini" and not model:
+            raise UsageError("the gemini backend needs a model name, e.g. gemini:gemini-2.0-flash")
+        if name == "openai":
+            model, _, base_url = model.partition("@")
+            if not model or not base_url:
+                raise UsageError(f"an OpenAI-compatible backend is written {OPENAI_FORM}")
+            if not base_url.startswith(("http://", "https://")):
+                raise UsageError(f"the base URL {redact(base_url)!r} must start with http:// or https://; write {OPENAI_FORM}")
+            return cls(name, model, base_url=base_url)
+        return cls(name, model)
+
+    @staticmethod
+    def backend_of(text: str) -> str:
+        """The backend name a spec string starts with (everything before its first ':' or '+'),
+        whether or not it is a known one."""
+        ends = [i for i in (text.find(":"), text.find("+")) if i >= 0]
+        return text[: min(ends)] if ends else text
+
+    def __str__(self) -> str:
+        text = f"{self.backend}:{self.model}" if self.model else self.backend
+        if self.base_url is not None:
+            text += f"@{self.base_url}"
+        return f"{text}+{self.adapter}" if self.adapter else text
+
+    def __repr__(self) -> str:
+        return f"ModelSpec.parse({self.redacted()!r})"
+
+    def redacted(self) -> str:
+        """``str(self)`` with credentials written into its URL masked (``funnelqa.redact``)."""
+        return redact(str(self))
 
 
 @dataclass(frozen=True)
@@ -99,10 +178,20 @@ class BackendOptions:
 
 
 class Backend(ABC):
+    # The spec this backend was built from, redacted: shown in messages and, unless a backend
+    # knows better, its cache identity.
     spec: str = ""
     # How many requests a stage should hand over at once: large enough to keep the model busy,
     # small enough that a crash loses little (answers are cached per batch).
     batch_size: int = 16
+
+    @classmethod
+    def from_spec(cls, spec: ModelSpec, options: BackendOptions) -> Backend:
+        """The backend ``spec`` names (a REGISTRY entry points at this class), set up with the
+        ``options`` that mean something to it. Raises BackendUnavailable when what it needs (a
+        package, file, key or server) is missing. Every class in REGISTRY implements it; a backend
+        that wraps another (``CachedBackend``) is built from that one instead."""
+        raise NotImplementedError(f"{cls.__name__} is not built from a model spec")
 
     @property
     def cache_id(self) -> str:
@@ -138,27 +227,11 @@ class Backend(ABC):
         pass
 
 
-def parse_spec(spec: str) -> tuple[str, str]:
-    name, _, arg = spec.partition(":")
-    if "+" in name:  # local+ADAPTER: the adapter follows the name directly, with no ':'
-        name, _, adapter = name.partition("+")
-        arg = "+" + adapter + (":" + arg if arg else "")
-    if name not in REGISTRY:
-        known = ", ".join(f"{key}:..." for key in REGISTRY)
-        raise UsageError(f"unknown model spec {spec!r}; use one of {known}")
-    return name, arg
-
-
-def load_backend(spec: str, options: BackendOptions | None = None) -> Backend:
-    name, arg = parse_spec(spec)
-    module_name, _, class_name = REGISTRY[name].partition(":")
+def load_backend(spec: ModelSpec, options: BackendOptions | None = None) -> Backend:
+    """The backend ``spec`` names; its module is imported only now, so torch stays out of ``--help``."""
+    module_name, _, class_name = REGISTRY[spec.backend].partition(":")
     cls = getattr(importlib.import_module(module_name), class_name)
-    backend = cls.from_spec(arg, options or BackendOptions())
-    from funnelqa.redact import redact
-
-    # The spec is shown, stored in sessions and keys the cache: a key written into its URL must not be.
-    backend.spec = redact(spec)
-    return backend
+    return cls.from_spec(spec, options or BackendOptions())
 
 
 class CachedBackend(Backend):
@@ -230,8 +303,8 @@ class CachedBackend(Backend):
         self.cache.close()
 
 
-def open_backend(spec: str, options: BackendOptions | None = None, *, use_cache: bool = True, cache_path=None) -> Backend:
-    """Load a backend by spec, wrapped in the shared on-disk cache unless told otherwise."""
+def open_backend(spec: ModelSpec, options: BackendOptions | None = None, *, use_cache: bool = True, cache_path=None) -> Backend:
+    """The backend ``spec`` names, wrapped in the shared on-disk cache unless told otherwise."""
     backend = load_backend(spec, options)
     if not use_cache:
         return backend

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from funnelqa.backends import Backend, BackendOptions, Request
+from funnelqa.backends import Backend, BackendOptions, ModelSpec, Request
 from funnelqa.errors import BackendError, BackendUnavailable
 
 
@@ -40,10 +40,10 @@ class FakeBackend(Backend):
         self.batches: list[int] = []
 
     @classmethod
-    def from_spec(cls, arg: str, options: BackendOptions) -> FakeBackend:
-        if not arg:
+    def from_spec(cls, spec: ModelSpec, options: BackendOptions) -> FakeBackend:
+        if not spec.model:
             raise BackendUnavailable("the fake backend needs a script: fake:PATH/TO/rules.json")
-        path = Path(arg)
+        path = Path(spec.model)
         try:
             text = path.read_text(encoding="utf-8")
             rules = json.loads(text)
@@ -51,7 +51,7 @@ class FakeBackend(Backend):
             raise BackendUnavailable(f"fake backend script not found: {path}") from None
         except json.JSONDecodeError as exc:
             raise BackendUnavailable(f"fake backend script {path} is not valid JSON: {exc}") from None
-        return cls(scripted(rules), name=f"fake:{path}", identity=hashlib.sha256(text.encode()).hexdigest()[:16])
+        return cls(scripted(rules), name=spec.redacted(), identity=hashlib.sha256(text.encode()).hexdigest()[:16])
 
     @property
     def cache_id(self) -> str:

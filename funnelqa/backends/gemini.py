@@ -18,7 +18,7 @@ from google import genai
 from google.genai import errors as genai_errors
 from google.genai import types
 
-from funnelqa.backends import Answer, BackendOptions, Request
+from funnelqa.backends import Answer, BackendOptions, ModelSpec, Request
 from funnelqa.backends.http_retry import (
     HTTPBackend,
     RetryableFailure,
@@ -128,16 +128,14 @@ class GeminiBackend(HTTPBackend):
         )
 
     @classmethod
-    def from_spec(cls, arg: str, options: BackendOptions) -> GeminiBackend:
-        if not arg:
-            raise UsageError("the gemini backend needs a model name, e.g. gemini:gemini-2.0-flash")
+    def from_spec(cls, spec: ModelSpec, options: BackendOptions) -> GeminiBackend:
         api_key = next((os.environ[name] for name in KEY_ENVS if os.environ.get(name)), None)
         if not api_key:
             raise BackendUnavailable(
                 "no Gemini API key: export GEMINI_API_KEY=... (or GOOGLE_API_KEY); get one at https://aistudio.google.com/apikey"
             )
         return cls(
-            arg,
+            spec.model,
             api_key,
             base_url=os.environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL,
             timeout=options.timeout,

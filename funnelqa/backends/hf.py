@@ -1,11 +1,14 @@
 """transformers backend: ``hf:PATH[+ADAPTER]`` (a model directory or a .gguf file, optionally with a
-peft adapter). Batched generation with our own decoding loop; prompts built with the model's chat
+peft adapter) and ``local[:NAME][+ADAPTER]`` (a GGUF embedded in a PyPI package, which
+funnelqa.models converts once; after that it is an hf model like any other).
+
+Batched generation with our own decoding loop; prompts built with the model's chat
 template by funnelqa.chat_template, exactly as training builds them. The states of prompt
 prefixes are kept between calls (``prefix_cache``), so a prompt that starts like an earlier one
 (the same profile, the same conversation one turn longer) only reads its new tokens; rows leave
 the batch as they finish.
 
-``json_schema`` is not enforced: the prompts already ask for JSON and ``render.extract_json``
+``json_schema`` is not enforced: the prompts already ask for JSON and ``parsing.extract_json``
 tolerates chatter around it, while constrained decoding would cost more than these models gain.
 """
 
@@ -15,20 +18,20 @@ import os
 from collections.abc import Sequence
 
 from funnelqa import models
-from funnelqa.backends import Answer, Backend, BackendOptions, Request
+from funnelqa.backends import Answer, Backend, BackendOptions, ModelSpec, Request
 from funnelqa.backends.prefix_cache import PrefixCache
 from funnelqa.chat_template import TemplateError, encode_chat
 from funnelqa.errors import BackendError
 
 
 class HFBackend(Backend):
-    kind = "hf"
-
-    def __init__(self, model_spec: models.ModelSpec, options: BackendOptions):
+    def __init__(self, spec: ModelSpec, options: BackendOptions):
+        # Checked before torch is imported, so a wrong spec fails at once. The embedded default is
+        # filled in here: ``local`` and ``local:smollm2-135m`` share one cache identity.
+        model_spec = models.parse_model_spec(spec)
         import torch
 
-        self.model_spec = model_spec
-        self.spec = str(model_spec)
+        self.spec = spec.redacted()
         device = options.device or models.default_device()
         if device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
             # torch counts physical cores; in a container the CPUs we may actually use can differ.
@@ -58,8 +61,8 @@ class HFBackend(Backend):
         return PrefixCache(budget_bytes)
 
     @classmethod
-    def from_spec(cls, arg: str, options: BackendOptions) -> HFBackend:
-        return cls(models.parse_model_spec(f"{cls.kind}:{arg}"), options)
+    def from_spec(cls, spec: ModelSpec, options: BackendOptions) -> HFBackend:
+        return cls(spec, options)
 
     @property
     def cache_id(self) -> str:

@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx
 
-from funnelqa.backends import Answer, BackendOptions, Request
+from funnelqa.backends import Answer, BackendOptions, ModelSpec, Request
 from funnelqa.backends.http_retry import (
     HTTPBackend,
     RetryableFailure,
@@ -21,10 +21,8 @@ from funnelqa.backends.http_retry import (
     parse_retry_after,
     transport_failure,
 )
-from funnelqa.errors import UsageError
 
 KEY_ENV = "OPENAI_API_KEY"
-SPEC_FORM = "openai:MODEL@BASE_URL, e.g. openai:qwen2.5-7b-instruct@http://localhost:8000/v1"
 
 
 def chat_payload(model: str, request: Request) -> dict[str, Any]:
@@ -71,10 +69,10 @@ class OpenAIBackend(HTTPBackend):
         concurrency: int = 8,
         max_retries: int = 5,
     ):
-        base_url = base_url.rstrip("/")
         super().__init__(
+            # The spec as written, trailing '/' and all: it keys the cache. Requests go to the URL without it.
             label=f"openai:{model}@{base_url}",
-            base_url=base_url,
+            base_url=base_url.rstrip("/"),
             concurrency=concurrency,
             timeout=timeout,
             max_retries=max_retries,
@@ -82,18 +80,13 @@ class OpenAIBackend(HTTPBackend):
         self.model = model
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._http = make_http_client(timeout, self.concurrency, headers=headers)
-        self._url = f"{base_url}/chat/completions"
+        self._url = f"{self.base_url}/chat/completions"
 
     @classmethod
-    def from_spec(cls, arg: str, options: BackendOptions) -> OpenAIBackend:
-        model, _, base_url = arg.partition("@")
-        if not model or not base_url:
-            raise UsageError(f"an OpenAI-compatible backend is written {SPEC_FORM}")
-        if not base_url.startswith(("http://", "https://")):
-            raise UsageError(f"the base URL {base_url!r} must start with http:// or https://; write {SPEC_FORM}")
+    def from_spec(cls, spec: ModelSpec, options: BackendOptions) -> OpenAIBackend:
         return cls(
-            model,
-            base_url,
+            spec.model,
+            spec.base_url,
             api_key=os.environ.get(KEY_ENV) or None,
             timeout=options.timeout,
             concurrency=options.concurrency,

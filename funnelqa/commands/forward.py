@@ -34,6 +34,7 @@ def _command(stage_name: str):
         dtype: str = common.DTYPE,
     ) -> None:
         def action() -> None:
+            from funnelqa.backends import ModelSpec
             from funnelqa.console import stderr
             from funnelqa.forward import run_file
 
@@ -41,7 +42,7 @@ def _command(stage_name: str):
                 stage_name,
                 source,
                 common.out_path(out),
-                model,
+                ModelSpec.parse(model),
                 options=common.backend_options(concurrency, timeout, batch_size, dtype),
                 use_cache=not no_cache,
                 retries=retries,

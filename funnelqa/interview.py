@@ -1,0 +1,91 @@
+"""One user's simulated interview in progress: what was asked, what it revealed, why it stopped.
+
+The questioner (``funnelqa.questioners``) reads it to ask; the simulation (``funnelqa.simulate``)
+adds each turn and turns it into a session record.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from funnelqa import render
+from funnelqa.records import Record
+
+STOP_LIMIT = "limit"  # asked max_questions
+STOP_COMPLETE = "complete"  # every target tag revealed: P_current == P_n
+STOP_EXHAUSTED = "exhausted"  # a reference questioner had no question left
+STOP_ERROR = "error"  # a model call for this user failed for good; the session carries the error
+
+
+@dataclass
+class Interview:
+    """One user's interview in progress."""
+
+    record: Record
+    turns: list[dict] = field(default_factory=list)
+    elicited: list[dict] = field(default_factory=list)
+    stop: str | None = None
+    # What the --no-repeat guard did to the question of the coming turn, kept with that turn.
+    guard: dict | None = None
+    # Why this interview stopped early: a model call for it failed for good (its batch-mates go on).
+    error: str | None = None
+
+    def fail(self, role: str, detail: str) -> None:
+        self.error = f"{role}: {detail}"
+        self.stop = STOP_ERROR
+
+    @property
+    def target(self) -> list[dict]:
+        return self.record["tags"]
+
+    def revealed(self) -> set[str]:
+        return {tag["tag"] for tag in self.elicited}
+
+    def known(self) -> list[dict]:
+        """JP_t in profile order, as `corrupt` renders it for training."""
+        revealed = self.revealed()
+        return [{"tag": t["tag"], "content": t["content"]} for t in self.target if t["tag"] in revealed]
+
+    def history(self) -> list[dict]:
+        """The questions asked so far with their answers, as the questioner's conversation shows them."""
+        return [{"question": turn["question"], "answer": turn["answer"]} for turn in self.turns]
+
+    def simulator_history(self) -> list[dict]:
+        """The same turns as the simulated user said them: answer and revealed tags."""
+        return [{"question": turn["question"], "answer": turn["answer"], "tags": turn["tags"]} for turn in self.turns]
+
+    def add_turn(self, question: str, answer: str, tags: Sequence[str], raw: str | None) -> None:
+        content = {t["tag"]: t["content"] for t in self.target}
+        answered = bool(tags)
+        self.turns.append(
+            {
+                "question": question,
+                # Algorithm 2, line 9: a question the profile cannot answer gets "No preference".
+                "answer": answer if answered else render.NO_PREFERENCE,
+                "tags": list(tags),
+                "answered": answered,
+                "raw": raw,
+                **({"guard": self.guard} if self.guard else {}),
+            }
+        )
+        self.guard = None
+        revealed = self.revealed()
+        for name in tags:
+            if name not in revealed:
+                self.elicited.append({"tag": name, "content": content[name]})
+                revealed.add(name)
+
+    def complete(self) -> bool:
+        return len(self.revealed()) == len(self.target)
+
+    def session(self, meta: dict) -> Record:
+        return {
+            "id": self.record["id"],
+            "turns": self.turns,
+            "elicited": self.elicited,
+            "target": [{"tag": t["tag"], "content": t["content"]} for t in self.target],
+            **meta,
+            "stop": self.stop,
+            **({"error": {"stage": "simulate", "message": self.error}} if self.error else {}),
+        }
