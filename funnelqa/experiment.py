@@ -27,9 +27,39 @@ from pathlib import Path
 from typing import Any
 
 from funnelqa import records
+from rich.markup import escape
+
 from funnelqa.console import stderr
 from funnelqa.errors import FunnelQAError, UsageError
 from funnelqa.redact import redact
+
+
+@dataclass
+class Stage:
+    """One ``funnelqa ARGS`` command of the experiment.
+
+    ``product`` is what later stages name among their ``inputs`` (an adapter folder, a file);
+    ``output`` is the file whose presence (with a matching stamp) means the stage is done.
+    """
+
+    name: str
+    args: list[str]
+    output: Path
+    inputs: list[Path]
+    product: Path | None = None
+
+    def __post_init__(self) -> None:
+        self.product = self.product or self.output
+
+    @property
+    def command(self) -> list[str]:
+        """As a user would type it (the report lists it)."""
+        return ["funnelqa", *self.args]
+
+    @property
+    def argv(self) -> list[str]:
+        """As this process runs it: the same interpreter, whatever is on PATH."""
+        return [sys.executable, "-m", "funnelqa", *self.args]
 
 
 @dataclass
@@ -89,25 +119,128 @@ def flags(options: dict[str, Any]) -> list[str]:
     return argv
 
 
-def run_stage(exp: Experiment, name: str, args: list[str], output: Path, inputs: list[Path]) -> None:
-    """Run ``funnelqa ARGS`` unless ``output`` is already there for the same command and inputs."""
-    command = ["funnelqa", *args]
-    stamp = output.parent / f".{output.name}.stamp"
-    key = hashlib.sha256(json.dumps([command, [file_digest(p) for p in inputs]]).encode()).hexdigest()
-    if output.exists() and stamp.exists() and stamp.read_text().strip() == key:
-        stderr.print(f"[dim]{name}: done before, skipped[/]")
-        exp.stages.append(StageRun(name, command, 0.0, cached=True))
-        return
-    stderr.print(f"[bold]{name}[/]: {redact(shlex.join(command))}")
-    started = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "funnelqa", *args], stdout=subprocess.DEVNULL)
-    if result.returncode != 0:
-        raise FunnelQAError(f"stage {name} failed (exit {result.returncode}); fix it and re-run: finished stages are kept")
-    stamp.write_text(key + "\n")
-    exp.stages.append(StageRun(name, command, time.perf_counter() - started, cached=False))
+def stamp_key(stage: Stage) -> str:
+    """The command plus the hashes of its inputs: a stage is redone when either changes."""
+    return hashlib.sha256(json.dumps([stage.command, [file_digest(p) for p in stage.inputs]]).encode()).hexdigest()
 
 
-def split_users(exp: Experiment) -> dict[str, Path]:
+def stamp_path(stage: Stage) -> Path:
+    return stage.output.parent / f".{stage.output.name}.stamp"
+
+
+def is_done(stage: Stage) -> bool:
+    stamp = stamp_path(stage)
+    return stage.output.exists() and stamp.exists() and stamp.read_text().strip() == stamp_key(stage)
+
+
+def core_slots(jobs: int) -> list[set[int] | None]:
+    """The CPU cores each of ``jobs`` concurrent stages may use: disjoint, as equal as possible.
+
+    On a small CPU machine two stages with one core each train or decode about 1.2x faster in
+    total than one stage after another on two cores (docs/training.md: 2 threads give 1.6x one
+    thread, not 2x), and OpenMP threads of two processes sharing cores stall each other. With
+    one job, or more jobs than cores, nothing is pinned.
+    """
+    try:
+        cores = sorted(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity API (macOS): the OS places the processes
+        return [None] * jobs
+    if jobs == 1 or jobs > len(cores):
+        return [None] * jobs
+    return [set(cores[i::jobs]) for i in range(jobs)]
+
+
+def run_stages(exp: Experiment, stages: list[Stage], jobs: int = 1) -> None:
+    """Run every stage not already done, at most ``jobs`` at a time, each once the stages that
+    produce its inputs have finished; earlier stages in ``stages`` start first.
+
+    With one job a stage's progress goes to this terminal; with several, each stage writes its
+    log to ``<root>/logs/<stage>.log`` and this prints when it starts and ends. A failed stage
+    lets the running ones finish (their work is kept), starts nothing new, and raises
+    FunnelQAError naming it and its log.
+    """
+    producers = {stage.product: stage for stage in stages}
+    pending = list(stages)
+    running: dict[subprocess.Popen, tuple[Stage, float, int, Path | None, Any]] = {}
+    finished: set[str] = set()
+    failures: list[str] = []
+    free = list(range(jobs))
+    slots = core_slots(jobs)
+    while pending or running:
+        ready = [s for s in pending
+                 if all(producers[i].name in finished for i in s.inputs if i in producers)] if not failures else []
+        for stage in ready:
+            if not free:
+                break
+            pending.remove(stage)
+            if is_done(stage):
+                stderr.print(f"[dim]{escape(stage.name)}: done before, skipped[/]")
+                exp.stages.append(StageRun(stage.name, stage.command, 0.0, cached=True))
+                finished.add(stage.name)
+                continue
+            slot = free.pop(0)
+            process, log, handle = launch(exp, stage, slots[slot], jobs)
+            running[process] = (stage, time.perf_counter(), slot, log, handle)
+        if not running:
+            if pending and not failures:
+                raise FunnelQAError("stages wait on inputs no stage produces: " + ", ".join(s.name for s in pending))
+            break
+        process = wait_any(running)
+        stage, started, slot, log, handle = running.pop(process)
+        if handle is not None:
+            handle.close()
+        free.append(slot)
+        free.sort()
+        seconds = time.perf_counter() - started
+        if process.returncode != 0:
+            where = f"; its log: {log}" if log else ""
+            failures.append(f"stage {stage.name} failed (exit {process.returncode}){where}")
+            stderr.print(f"[red]{escape(failures[-1])}[/]")
+            continue
+        stamp_path(stage).write_text(stamp_key(stage) + "\n")
+        exp.stages.append(StageRun(stage.name, stage.command, seconds, cached=False))
+        finished.add(stage.name)
+        if jobs > 1:
+            stderr.print(f"{escape(stage.name)}: done in {seconds:.0f} s")
+    if failures:
+        raise FunnelQAError("; ".join(failures) + "; fix it and re-run: finished stages are kept")
+
+
+def launch(exp: Experiment, stage: Stage, cores: set[int] | None, jobs: int):
+    env = dict(os.environ)
+    preexec = None
+    if cores is not None:
+        # hf.py sizes torch's thread pool from the affinity mask; OMP_NUM_THREADS covers training.
+        env["OMP_NUM_THREADS"] = str(len(cores))
+        preexec = lambda: os.sched_setaffinity(0, cores)  # noqa: E731
+    log = handle = None
+    if jobs > 1:
+        log = exp.root / "logs" / (slug(stage.name) + ".log")
+        log.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(log, "w", encoding="utf-8")
+        where = f" on cores {','.join(map(str, sorted(cores)))}" if cores is not None else ""
+        stderr.print(f"[bold]{escape(stage.name)}[/]{where}: {escape(redact(shlex.join(stage.command)))} (log: {log})")
+    else:
+        stderr.print(f"[bold]{escape(stage.name)}[/]: {escape(redact(shlex.join(stage.command)))}")
+    process = subprocess.Popen(stage.argv, stdout=subprocess.DEVNULL,
+                               stderr=handle, env=env, preexec_fn=preexec)
+    return process, log, handle
+
+
+def wait_any(running: dict[subprocess.Popen, Any]) -> subprocess.Popen:
+    """The first of ``running`` to exit (reaped)."""
+    while True:
+        for process in running:
+            if process.poll() is not None:
+                return process
+        time.sleep(0.2)
+
+
+def slug(label: str) -> str:
+    return label.replace(" / ", "__").replace(" ", "-").replace("[", "").replace("]", "").replace("+", "")
+
+
+def split_test_users(exp: Experiment) -> dict[str, Path]:
     """Seeded split by user into test users (interviewed) and training users. The trainer holds
     out its own seeded share of the training users as the dev set for the eval loss."""
     config = exp.config.get("split", {})
@@ -132,26 +265,43 @@ def split_users(exp: Experiment) -> dict[str, Path]:
     return paths
 
 
-def system_name(questioner: str, simulator: str, form: str | None) -> str:
+def interview_label(questioner: str, simulator: str, form: str | None) -> str:
+    """The report's name for the interviews of one questioner with one simulator."""
     return f"{questioner} / {simulator}" + (f" [{form}]" if form else "")
 
 
-def run_experiment(config_path: str | os.PathLike, root: str | os.PathLike | None = None) -> Path:
+def run_experiment(config_path: str | os.PathLike, root: str | os.PathLike | None = None,
+                   jobs: int | None = None) -> Path:
+    """Run the experiment of ``config_path`` into ``root`` (default runs/<name>) and write its
+    report; ``jobs`` (default: the config's ``jobs``, else 1) stages run at once. Returns the
+    report's path. Raises UsageError for a bad config, FunnelQAError when a stage fails."""
     config = load_config(config_path)
     exp = Experiment(Path(config_path), config, Path(root or Path("runs") / config.get("name", Path(config_path).stem)))
+    jobs = int(jobs or config.get("jobs", 1))
+    if jobs < 1:
+        raise UsageError(f"{config_path}: jobs must be at least 1, not {jobs}")
     exp.root.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     seed = str(config.get("seed", 0))
     base = config.get("base", "local")
-    data = split_users(exp)
+    data = split_test_users(exp)
+    stages: list[Stage] = []
 
     examples = exp.root / "data" / "examples-train.jsonl"
-    run_stage(exp, "corrupt", ["corrupt", str(data["train"]), "--seed", seed, "--out", str(examples),
-                               *flags(config.get("corrupt", {}))], examples, [data["train"]])
+    stages.append(Stage("corrupt", ["corrupt", str(data["train"]), "--seed", seed, "--out", str(examples),
+                                    *flags(config.get("corrupt", {}))], examples, [data["train"]]))
     dev = ["--eval-fraction", str(config.get("split", {}).get("dev_fraction", 0.1))]
 
     train_options = config.get("train", {})
     forms = config.get("forms", ["qa", "answers"])
+    # The simulator first: it trains longest (it reads each user's whole profile), so with
+    # several jobs the questioners train beside it rather than after it.
+    simulator_dir = exp.root / "simulator"
+    options = {**train_options.get("common", {}), **train_options.get("simulator", {})}
+    stages.append(Stage("train-simulator",
+                        ["train-simulator", str(examples), *dev, "--base", base, "--seed", seed,
+                         "--out", str(simulator_dir), *flags(options)],
+                        simulator_dir / "run_card.json", [examples], product=simulator_dir))
     adapters: dict[str, Path] = {}
     for form in forms:
         out = exp.root / f"questioner-{form}"
@@ -161,16 +311,10 @@ def run_experiment(config_path: str | os.PathLike, root: str | os.PathLike | Non
         options = {**train_options.get("common", {}),
                    **{k: v for k, v in questioner_options.items() if not isinstance(v, dict)},
                    **questioner_options.get(form, {})}
-        run_stage(exp, f"train-questioner [{form}]",
-                  ["train-questioner", str(examples), *dev, "--base", base, "--profile-form", form, "--seed", seed,
-                   "--out", str(out), *flags(options)],
-                  out / "run_card.json", [examples])
-    simulator_dir = exp.root / "simulator"
-    options = {**train_options.get("common", {}), **train_options.get("simulator", {})}
-    run_stage(exp, "train-simulator",
-              ["train-simulator", str(examples), *dev, "--base", base, "--seed", seed, "--out", str(simulator_dir),
-               *flags(options)],
-              simulator_dir / "run_card.json", [examples])
+        stages.append(Stage(f"train-questioner [{form}]",
+                            ["train-questioner", str(examples), *dev, "--base", base, "--profile-form", form,
+                             "--seed", seed, "--out", str(out), *flags(options)],
+                            out / "run_card.json", [examples], product=out))
 
     simulate_options = config.get("simulate", {})
     simulators = {"base": base, "fine-tuned": f"{base}+{simulator_dir}"}
@@ -178,6 +322,9 @@ def run_experiment(config_path: str | os.PathLike, root: str | os.PathLike | Non
     # The 2x2 of base and fine-tuned models (Fig. 3) for the forms in `grid`; the other forms
     # (the Sec. 4.2.3 ablation) need only their fine-tuned pair.
     grid = config.get("grid", forms)
+    # no_repeat = true guards the forms of the grid; a list names the forms.
+    no_repeat = config.get("no_repeat", False)
+    guarded = set(grid if no_repeat is True else no_repeat or [])
     for form in forms:
         questioners = {"base": (base, []), "fine-tuned": (f"{base}+{adapters[form]}", [adapters[form]])}
         for q_label, (q_spec, q_inputs) in questioners.items():
@@ -185,39 +332,39 @@ def run_experiment(config_path: str | os.PathLike, root: str | os.PathLike | Non
                 if form not in grid and (q_label, s_label) != ("fine-tuned", "fine-tuned"):
                     continue
                 s_inputs = [simulator_dir] if s_label == "fine-tuned" else []
-                systems.append((system_name(f"{q_label} questioner", f"{s_label} simulator", form), q_spec, s_spec, form, q_inputs + s_inputs, []))
-        if config.get("no_repeat"):
+                systems.append((interview_label(f"{q_label} questioner", f"{s_label} simulator", form), q_spec, s_spec, form, q_inputs + s_inputs, []))
+        if form in guarded:
             # Its own row beside the unguarded one: the guard must never hide what the model does alone.
-            systems.append((system_name("fine-tuned questioner +no-repeat", "fine-tuned simulator", form),
+            systems.append((interview_label("fine-tuned questioner +no-repeat", "fine-tuned simulator", form),
                             f"{base}+{adapters[form]}", simulators["fine-tuned"], form, [adapters[form], simulator_dir],
                             ["--no-repeat"]))
     for oracle in config.get("oracles", ["oracle", "oracle-shuffled"]):
-        systems.append((system_name(oracle, "fine-tuned simulator", None), oracle, simulators["fine-tuned"], None, [simulator_dir], []))
+        systems.append((interview_label(oracle, "fine-tuned simulator", None), oracle, simulators["fine-tuned"], None, [simulator_dir], []))
 
     sessions_dir = exp.root / "sessions"
     sessions_dir.mkdir(exist_ok=True)
     session_files = []
     labels: dict[str, str] = {}
     for label, q_spec, s_spec, form, inputs, extra in systems:
-        slug = label.replace(" / ", "__").replace(" ", "-").replace("[", "").replace("]", "").replace("+", "")
-        out = sessions_dir / f"{slug}.jsonl"
+        out = sessions_dir / f"{slug(label)}.jsonl"
         args = ["simulate", str(data["test"]), "--questioner", q_spec, "--simulator", s_spec, "--seed", seed,
                 "--out", str(out), *flags(simulate_options), *extra]
         if form:
             args += ["--profile-form", form]
-        run_stage(exp, f"simulate {label}", args, out, [data["test"], *inputs])
+        stages.append(Stage(f"simulate {label}", args, out, [data["test"], *inputs]))
         session_files.append(out)
         labels[str(out)] = label
 
     scores = exp.root / "scores.jsonl"
     plots = Path(config.get("plots", exp.root / "plots"))
-    run_stage(exp, "score", ["score", *map(str, session_files), "--plots", str(plots), "--out", str(scores)],
-              scores, session_files)
+    stages.append(Stage("score", ["score", *map(str, session_files), "--plots", str(plots), "--out", str(scores)],
+                        scores, session_files))
+    run_stages(exp, stages, jobs)
     cards = {f"questioner [{form}]": adapters[form] for form in forms} | {"simulator": simulator_dir}
     report = write_report(exp, scores, plots, labels, time.perf_counter() - started,
                           cards={label: json.loads((path / "run_card.json").read_text(encoding="utf-8"))
                                  for label, path in cards.items()},
-                          test_forward=data["test"])
+                          jobs=jobs)
     stderr.print(f"report: {report}")
     return report
 
@@ -234,7 +381,7 @@ def hardware() -> str:
 
 
 def write_report(exp: Experiment, scores: Path, plots: Path, labels: dict[str, str], seconds: float,
-                 cards: dict[str, dict] | None = None, test_forward: Path | None = None) -> Path:
+                 cards: dict[str, dict] | None = None, jobs: int = 1) -> Path:
     rows = [json.loads(line) for line in scores.read_text(encoding="utf-8").splitlines() if line.strip()]
     lines = [f"# Experiment `{exp.name}`", "", f"Config: `{exp.config_path}`; hardware: {hardware()}.", ""]
     lines += ["| system | users | BLEU | ROUGE-1 | ROUGE-2 | ROUGE-L | tag recall | unanswered | repeated | questions | funnel rho |",
@@ -262,7 +409,8 @@ def write_report(exp: Experiment, scores: Path, plots: Path, labels: dict[str, s
     for stage in exp.stages:
         when = "cached" if stage.cached else f"{stage.seconds:.0f}"
         lines.append(f"| {stage.name} | {when} | `{redact(shlex.join(stage.command))}` |")
-    lines += ["", f"Total wall time of this run: {seconds:.0f} s.", ""]
+    at_once = f" ({jobs} stages at a time, each on its own share of the cores)" if jobs > 1 else ""
+    lines += ["", f"Total wall time of this run: {seconds:.0f} s{at_once}.", ""]
     if plots.exists():
         lines += [f"![{p.stem}]({os.path.relpath(p, exp.root)})" for p in sorted(plots.glob("*.png"))]
     lines += transcripts(exp.root / "sessions", labels, exp.config.get("transcripts", 3))

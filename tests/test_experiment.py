@@ -2,6 +2,9 @@
 system, and a second run redoes nothing."""
 
 import json
+import sys
+
+import pytest
 
 from tests.conftest import EXAMPLES, run_cli
 from tests.tiny import make_tiny_model
@@ -42,3 +45,43 @@ max_questions = 2
     assert second.returncode == 0, second.stderr
     assert second.stderr.count("done before, skipped") == 10  # corrupt, 2 trainings, 6 simulations, score
     assert "| train-simulator | cached |" in (root / "report.md").read_text()
+
+
+
+class ScriptStage:
+    """A stage that runs a few lines of Python instead of a funnelqa command."""
+
+    def __new__(cls, name, tmp_path, inputs=(), fail=False):
+        from funnelqa.experiment import Stage
+
+        out = tmp_path / f"{name}.txt"
+        code = (f"import sys, pathlib\n"
+                f"for path in {[str(p) for p in inputs]!r}:\n"
+                f"    assert pathlib.Path(path).exists(), path + ' is not there yet'\n"
+                f"{'sys.exit(3)' if fail else ''}\n"
+                f"pathlib.Path({str(out)!r}).write_text('ok')\n")
+        stage = Stage(name, ["--script", name], out, list(inputs))
+        stage.__class__ = type("Scripted", (Stage,), {"argv": property(lambda self: [sys.executable, "-c", code])})
+        return stage
+
+
+def test_stages_run_at_once_each_after_its_inputs_and_a_failure_keeps_the_finished(tmp_path):
+    from funnelqa.errors import FunnelQAError
+    from funnelqa.experiment import Experiment, run_stages
+
+    exp = Experiment(tmp_path / "x.toml", {}, tmp_path)
+    first = ScriptStage("first", tmp_path)
+    then = ScriptStage("then", tmp_path, inputs=[first.output])  # fails if started before `first` ends
+    alone = ScriptStage("alone", tmp_path)
+    run_stages(exp, [then, first, alone], jobs=2)
+    assert sorted(run.name for run in exp.stages if not run.cached) == ["alone", "first", "then"]
+    assert (tmp_path / "logs" / "then.log").exists()
+
+    exp = Experiment(tmp_path / "x.toml", {}, tmp_path)
+    broken = ScriptStage("broken", tmp_path, fail=True)
+    after_broken = ScriptStage("after-broken", tmp_path, inputs=[broken.output])
+    fresh = ScriptStage("fresh", tmp_path)
+    with pytest.raises(FunnelQAError, match=r"stage broken failed \(exit 3\); its log: .*broken\.log"):
+        run_stages(exp, [broken, after_broken, fresh, first], jobs=2)
+    assert (tmp_path / "fresh.txt").exists() and not (tmp_path / "after-broken.txt").exists()
+    assert [run.name for run in exp.stages] == ["fresh"]  # nothing new starts after a failure

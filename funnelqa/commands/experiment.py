@@ -15,6 +15,9 @@ def register(app: typer.Typer) -> None:
     def experiment_command(
         config: Path = typer.Argument(..., help="Experiment config (TOML), e.g. experiments/paper-cpu.toml."),
         root: Optional[Path] = typer.Option(None, "--root", help="Run folder (default: runs/<name>)."),
+        jobs: Optional[int] = typer.Option(None, "--jobs", min=1,
+                                           help="Stages run at once, each on its own share of the CPU cores "
+                                                "(default: the config's `jobs`, else 1)."),
     ) -> None:
         """Split users, corrupt, train both models, simulate the 2x2 plus oracles, score and plot.
 
@@ -23,4 +26,4 @@ def register(app: typer.Typer) -> None:
         """
         from funnelqa.experiment import run_experiment
 
-        common.run(lambda: run_experiment(config, root))
+        common.run(lambda: run_experiment(config, root, jobs))
