@@ -19,6 +19,8 @@ from pathlib import Path
 
 
 def default_cache_dir() -> Path:
+    """$FUNNELQA_CACHE_DIR, else $XDG_CACHE_HOME/funnelqa, else ~/.cache/funnelqa (not created here):
+    home of llm-cache.sqlite and of the converted models (``models.models_cache_dir``)."""
     configured = os.environ.get("FUNNELQA_CACHE_DIR")
     if configured:
         return Path(configured)
@@ -27,11 +29,19 @@ def default_cache_dir() -> Path:
 
 
 def cache_key(model_id: str, payload: dict) -> str:
+    """An answer's primary key: the SHA-256 (64 hex digits) of ``{"model": model_id, "request":
+    payload}`` as JSON with sorted keys, so any option in ``Request.payload`` that changes the
+    answer changes the key."""
     blob = json.dumps({"model": model_id, "request": payload}, sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(blob.encode("utf-8", "surrogatepass")).hexdigest()  # a lone surrogate must not crash a key
 
 
 class LLMCache:
+    """The ``answers`` table of one SQLite file (default ``default_cache_dir()/llm-cache.sqlite``,
+    its folder made if missing): key (``cache_key``), model id, answer text, created (Unix
+    seconds) and status. Opening retries for about 10 s (200 tries, 50 ms apart) while another
+    process sets the file up, then raises sqlite3.OperationalError."""
+
     def __init__(self, path: str | os.PathLike | None = None):
         self.path = Path(path) if path else default_cache_dir() / "llm-cache.sqlite"
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -80,9 +90,6 @@ class LLMCache:
                     stale.add(key)
         return found, stale
 
-    def get_many(self, keys: Iterable[str]) -> dict[str, str]:
-        return self.lookup(keys)[0]
-
     def put_many(self, model_id: str, items: Iterable[tuple[str, str]]) -> None:
         """Store answers; a backend ``Answer`` that did not finish normally keeps its finish as status."""
         from funnelqa.backends import answer_status
@@ -108,4 +115,5 @@ class LLMCache:
         return self._db.execute("SELECT COUNT(*) FROM answers").fetchone()[0]
 
     def close(self) -> None:
+        """Close the SQLite connection; the cache cannot be used after it."""
         self._db.close()

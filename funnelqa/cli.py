@@ -44,4 +44,8 @@ def _root(
 
 
 def main() -> None:
+    """The ``funnelqa`` console script and ``python -m funnelqa``: runs the subcommand named in
+    sys.argv and exits with its code: 0, or a FunnelQAError's ``exit_code`` (1 in general, 2 bad
+    input or usage, 3 backend unavailable, 4 backend error, 5 output in use), 130 on Ctrl-C,
+    141 when the reader of stdout went away."""
     app()

@@ -10,6 +10,9 @@ stderr = Console(stderr=True, soft_wrap=True)
 
 
 def progress(**kwargs) -> Progress:
+    """A rich Progress on stderr: description, bar, done/total, the task's ``status`` field (give
+    ``status=`` to ``add_task``), elapsed and remaining time. Draws nothing when stderr is not a
+    terminal. ``kwargs`` go to ``rich.progress.Progress``."""
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),

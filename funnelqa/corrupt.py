@@ -30,6 +30,8 @@ ROLES = ("questioner", "simulator")
 
 
 def uncovered_tags(record: Record) -> list[str]:
+    """Names of the record's tags that no question reveals, in profile order ([] for a record
+    that ``check_corruptible`` accepts)."""
     covered = {name for q in record["questions"] for name in q["tags"]}
     return [t["tag"] for t in record["tags"] if t["tag"] not in covered]
 
@@ -48,6 +50,9 @@ def partial_profile(record: Record, t: int) -> list[dict[str, str]]:
 
 
 def questioner_examples(record: Record) -> list[Record]:
+    """Eq. 7-8: for n questions, n examples for t = n-1 down to 0, each ``{"id", "role":
+    "questioner", "step": t, "known": JP_t (``partial_profile``), "history": [{"question",
+    "answer"}] of Q_0..Q_{t-1}, "target": Q_t's text, "target_tags": T_t}``."""
     questions = record["questions"]
     return [
         {
@@ -64,6 +69,8 @@ def questioner_examples(record: Record) -> list[Record]:
 
 
 def simulator_examples(record: Record) -> list[Record]:
+    """Eq. 10: one example per question, in funnel order: ``{"id", "role": "simulator",
+    "profile_tags": JP^u, "question": Q_i, "answer": A_i, "tags": T_i, "negative": False}``."""
     return [
         {
             "id": record["id"],
@@ -134,6 +141,8 @@ class NegativePool:
 
     @classmethod
     def from_records(cls, records: Iterable[Record]) -> NegativePool:
+        """The pool of every question of ``records`` (validated forward records, read once),
+        each with the tag names it reveals."""
         return cls((q["question"], q["tags"]) for record in records for q in record["questions"])
 
     def _classes_for(self, own: frozenset[str]):

@@ -91,11 +91,17 @@ def _field(data: Any, key: str) -> Any:
 # ---- structure ----
 
 def structure_request(record: Record, max_tokens: int) -> Request:
+    """prompts/structure.txt filled with the record's profile, asking for TAGS_SCHEMA's JSON
+    (``{"tags": [{"tag", "content"}]}``) in at most ``max_tokens`` tokens."""
     return Request.chat(None, _fill(load("structure"), profile=record["profile"].strip()),
                         max_tokens=max_tokens, json_schema=TAGS_SCHEMA)
 
 
 def accept_structure(record: Record, text: str) -> Record:
+    """The record plus ``tags`` (JP^u): ``[{"tag", "content"}]`` from the model's JSON, stripped;
+    an object ``{name: content}`` is read as tags too. Raises InvalidOutput when there is no tag,
+    a tag or content is not a non-empty string, or a name comes twice (ignoring case);
+    ValueError when the text holds no JSON."""
     raw = _field(extract_json(text), "tags")
     if isinstance(raw, dict):  # {"Genre": "...", ...} is a fair reading of "tags"
         raw = [{"tag": k, "content": v} for k, v in raw.items()]
@@ -116,11 +122,16 @@ def accept_structure(record: Record, text: str) -> Record:
 # ---- rank ----
 
 def rank_request(record: Record, max_tokens: int) -> Request:
+    """prompts/rank.txt with the record's tags listed, asking for ``{"ranking": [tag names]}``
+    from most general to most specific (RANKING_SCHEMA), in at most ``max_tokens`` tokens."""
     return Request.chat(None, _fill(load("rank"), tags=format_tags(record["tags"])),
                         max_tokens=max_tokens, json_schema=RANKING_SCHEMA)
 
 
 def accept_rank(record: Record, text: str) -> Record:
+    """The record with ``tags`` in the model's order, its names mapped onto the record's own
+    (``parsing.match_tags``). Raises InvalidOutput when ``ranking`` is not a list of strings,
+    names a tag the record lacks or leaves one out; ValueError when the text holds no JSON."""
     ranking = _field(extract_json(text), "ranking")
     if not isinstance(ranking, list) or not all(_text(name) for name in ranking):
         raise InvalidOutput("'ranking' must be a list of tag names (strings)")
@@ -139,12 +150,19 @@ def accept_rank(record: Record, text: str) -> Record:
 # ---- generate-questions ----
 
 def questions_request(record: Record, max_tokens: int) -> Request:
+    """prompts/generate_questions.txt with the record's (ranked) tags, asking for funnel questions
+    with answers and the tags each reveals (QUESTIONS_SCHEMA), in at most ``max_tokens`` tokens."""
     listing = format_tags(record["tags"])
     return Request.chat(None, _fill(load("generate_questions"), tags=listing),
                         max_tokens=max_tokens, json_schema=QUESTIONS_SCHEMA)
 
 
 def accept_questions(record: Record, text: str) -> Record:
+    """The record plus ``questions``: ``[{"question", "answer", "tags"}]`` = Q_i, A_i, T_i in the
+    model's (funnel) order, tag names mapped onto the record's (``parsing.match_tags``). Raises
+    InvalidOutput when the list is empty, an item lacks a non-empty question or answer, names a
+    tag the record lacks or reveals none, or some tag is revealed by no question; ValueError when
+    the text holds no JSON."""
     raw = _field(extract_json(text), "questions")
     if not isinstance(raw, list) or not raw:
         raise InvalidOutput("'questions' must be a non-empty list")
@@ -175,6 +193,11 @@ def accept_questions(record: Record, text: str) -> Record:
 
 @dataclass(frozen=True)
 class Stage:
+    """One forward stage: ``needs`` checks an input record (ValueError: it cannot run on it),
+    ``request(record, max_tokens)`` builds the prompt, ``accept(record, text)`` makes the output
+    record or raises InvalidOutput/ValueError to ask again, and ``max_tokens`` is the default
+    answer budget in tokens."""
+
     name: str
     needs: records.Validator
     request: Callable[[Record, int], Request]
@@ -353,7 +376,6 @@ def run_file(
     *,
     options: BackendOptions | None = None,
     use_cache: bool = True,
-    cache_path: Path | None = None,
     retries: int = 2,
     max_tokens: int | None = None,
     skip_invalid: bool = False,
@@ -380,7 +402,7 @@ def run_file(
         stderr.print(f"[yellow]skipped[/] {error}")
 
     inputs = records.read_records(source, stage.needs, on_invalid=report if skip_invalid else None)
-    with contextlib.closing(open_backend(model, options, use_cache=use_cache, cache_path=cache_path)) as backend:
+    with contextlib.closing(open_backend(model, options, use_cache=use_cache)) as backend:
         with records.RecordWriter(out) as writer, progress() as bar:
             task = bar.add_task(stage.name, total=None, status="")
             summary = run_forward_stage(stage, inputs, backend, writer, retries=retries, batch_size=options.batch_size,

@@ -32,14 +32,18 @@ class Interview:
     error: str | None = None
 
     def fail(self, role: str, detail: str) -> None:
+        """Stop the interview because ``role``'s model call (questioner or simulator) failed for
+        good: ``error`` becomes "ROLE: DETAIL" and ``stop`` becomes "error"."""
         self.error = f"{role}: {detail}"
         self.stop = STOP_ERROR
 
     @property
     def target(self) -> list[dict]:
+        """JP^u, the record's ``tags``: ``[{"tag", "content"}]``, general to specific."""
         return self.record["tags"]
 
     def revealed(self) -> set[str]:
+        """Names of the tags elicited so far, as a set (``elicited`` keeps their order and content)."""
         return {tag["tag"] for tag in self.elicited}
 
     def known(self) -> list[dict]:
@@ -56,6 +60,10 @@ class Interview:
         return [{"question": turn["question"], "answer": turn["answer"], "tags": turn["tags"]} for turn in self.turns]
 
     def add_turn(self, question: str, answer: str, tags: Sequence[str], raw: str | None) -> None:
+        """Record one turn (Algorithm 2, lines 6-9). ``tags``: the names the answer reveals, each
+        a target tag (KeyError otherwise); none means unanswered, stored as "No preference". New
+        tags join ``elicited`` with their content from JP^u (line 7). ``raw``: the simulator's
+        unparsed output (None when nothing was asked). A pending ``guard`` note moves to the turn."""
         content = {t["tag"]: t["content"] for t in self.target}
         answered = bool(tags)
         self.turns.append(
@@ -77,9 +85,13 @@ class Interview:
                 revealed.add(name)
 
     def complete(self) -> bool:
+        """Whether every target tag is revealed (P_current == P_n), which ends the interview."""
         return len(self.revealed()) == len(self.target)
 
     def session(self, meta: dict) -> Record:
+        """The session record of DESIGN.md: ``{"id", "turns": [{"question", "answer", "tags",
+        "answered", "raw"[, "guard"]}], "elicited", "target", **meta, "stop"}``, plus ``"error":
+        {"stage": "simulate", "message"}`` when a model call failed for good."""
         return {
             "id": self.record["id"],
             "turns": self.turns,

@@ -28,6 +28,8 @@ import regex
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 ROUGE_TOKENIZERS = ("auto", "default", "unicode")
+# evaluate's default max_order: BLEU over 1- to 4-grams.
+BLEU_MAX_ORDER = 4
 
 # Letters (with their combining marks, as in Devanagari) and digits of any script.
 _WORD = regex.compile(r"[\p{L}\p{M}\p{N}]+")
@@ -56,6 +58,7 @@ class UnicodeTokenizer:
     """rouge_score tokenizer interface over ``unicode_tokens`` (no stemming)."""
 
     def tokenize(self, text: str) -> list[str]:
+        """The tokens of ``text``, as rouge_score's ``Tokenizer.tokenize`` returns them: ``unicode_tokens``."""
         return unicode_tokens(text)
 
 
@@ -92,10 +95,15 @@ def _ngrams(tokens: Sequence[str], max_order: int) -> collections.Counter:
     return counts
 
 
-def bleu(predictions: Sequence[str], references: Sequence[str | Sequence[str]], max_order: int = 4) -> dict:
-    """Corpus BLEU as ``evaluate.load("bleu").compute(predictions, references)``."""
+def bleu(predictions: Sequence[str], references: Sequence[str | Sequence[str]]) -> dict:
+    """Corpus BLEU as ``evaluate.load("bleu").compute(predictions, references)`` (max order 4, no smoothing).
+
+    ``references`` holds one text or a list of texts per prediction. Returns ``bleu_from_counts``'s
+    dict. Raises ValueError when the two lists differ in length.
+    """
     if len(predictions) != len(references):
         raise ValueError("predictions and references differ in length")
+    max_order = BLEU_MAX_ORDER
     matches = [0] * max_order
     possible = [0] * max_order
     reference_length = translation_length = 0
@@ -113,6 +121,19 @@ def bleu(predictions: Sequence[str], references: Sequence[str | Sequence[str]], 
         for order in range(1, max_order + 1):
             if length - order + 1 > 0:
                 possible[order - 1] += length - order + 1
+    return bleu_from_counts(matches, possible, reference_length, translation_length)
+
+
+def bleu_from_counts(matches: Sequence[int], possible: Sequence[int], reference_length: int,
+                     translation_length: int) -> dict:
+    """Corpus BLEU from its additive counts, summed over pairs (tensorflow/nmt ``compute_bleu``).
+
+    ``matches``/``possible``: clipped matching and candidate n-grams per order 1..4; lengths in
+    13a tokens. Returns ``bleu`` (0-1), ``precisions`` (one per order), ``brevity_penalty``,
+    ``length_ratio`` (translation / reference; 0.0 when either is empty, and then bleu is 0),
+    ``translation_length`` and ``reference_length``.
+    """
+    max_order = len(matches)
     precisions = [matches[i] / possible[i] if possible[i] > 0 else 0.0 for i in range(max_order)]
     geo_mean = math.exp(sum(math.log(p) / max_order for p in precisions)) if min(precisions) > 0 else 0.0
     if reference_length == 0 or translation_length == 0:
@@ -161,23 +182,26 @@ class RougeCache:
     Raises ValueError for an unknown tokenizer.
     """
 
-    def __init__(self, rouge_types: Sequence[str] = ROUGE_TYPES, tokenizer: str = "auto"):
+    # What ``rouge`` reads from its cache: the types it reports, in the order evaluate adds them.
+    rouge_types = ROUGE_TYPES
+
+    def __init__(self, tokenizer: str = "auto"):
         from rouge_score import rouge_scorer, tokenizers
 
         if tokenizer not in ROUGE_TOKENIZERS:
             raise ValueError(f"unknown ROUGE tokenizer {tokenizer!r}; use one of {', '.join(ROUGE_TOKENIZERS)}")
-        self.rouge_types = tuple(rouge_types)
         self.tokenizer = tokenizer
         self.used: set[str] = set()
         self._tokenizers = {"default": tokenizers.DefaultTokenizer(use_stemmer=False), "unicode": UnicodeTokenizer()}
-        ngram_types = [t for t in rouge_types if t != "rougeL"]
         self._scorers = {
-            name: rouge_scorer.RougeScorer(ngram_types, use_stemmer=False, tokenizer=self._tokenizers[name]) if ngram_types else None
+            name: rouge_scorer.RougeScorer(["rouge1", "rouge2"], use_stemmer=False, tokenizer=self._tokenizers[name])
             for name in self._tokenizers
         }
         self._scores: dict[tuple[str, str], dict] = {}
 
     def tokenizer_for(self, prediction: str, reference: str) -> str:
+        """The tokenizer that scores this pair: the one asked for, or under "auto" "unicode" when
+        either text holds non-Latin letters, else "default"."""
         if self.tokenizer != "auto":
             return self.tokenizer
         return "unicode" if needs_unicode(reference) or needs_unicode(prediction) else "default"
@@ -194,14 +218,15 @@ class RougeCache:
         return scoring.Score(precision=precision, recall=recall, fmeasure=scoring.fmeasure(precision, recall))
 
     def score(self, prediction: str, reference: str) -> dict:
+        """``{"rouge1", "rouge2", "rougeL": rouge_score.scoring.Score(precision, recall, fmeasure)}``
+        (each 0-1) of one pair, computed once and kept. The prediction comes first, as in
+        evaluate; rouge_score's own ``score`` takes the reference first."""
         key = (prediction, reference)
         if key not in self._scores:
             name = self.tokenizer_for(prediction, reference)
             self.used.add(name)
-            scorer = self._scorers[name]
-            scores = dict(scorer.score(reference, prediction)) if scorer else {}
-            if "rougeL" in self.rouge_types:
-                scores["rougeL"] = self._rouge_l(prediction, reference, self._tokenizers[name])
+            scores = dict(self._scorers[name].score(reference, prediction))
+            scores["rougeL"] = self._rouge_l(prediction, reference, self._tokenizers[name])
             self._scores[key] = {rouge_type: scores[rouge_type] for rouge_type in self.rouge_types}
         return self._scores[key]
 
@@ -295,5 +320,6 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
 
 
 def mean(values: Iterable[float]) -> float | None:
+    """The arithmetic mean of ``values`` (any iterable, read once); None when there are none."""
     values = list(values)
     return sum(values) / len(values) if values else None

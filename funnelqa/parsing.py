@@ -305,4 +305,6 @@ _NO_PREFERENCE_ANSWERS = {
 
 
 def is_no_preference(answer: str) -> bool:
+    """Whether ``answer``, ignoring case and punctuation, is empty or a stock non-answer
+    ("No preference", "I don't know", "N/A", "none", "not specified", ...)."""
     return _normalise(answer) in _NO_PREFERENCE_ANSWERS

@@ -16,6 +16,8 @@ TOP_CONCEPTS = 15
 
 
 def slug(name: str) -> str:
+    """``name`` fit for a file name: each run of characters other than ASCII letters, digits, '.',
+    '_' and '-' becomes one '_', and '_' is trimmed from both ends ("system" when nothing is left)."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "system"
 
 
@@ -29,6 +31,8 @@ def _pyplot():
 
 
 def plot_curves(results: Sequence[dict], path: Path) -> Path:
+    """Fig. 4: BLEU, ROUGE-L and tag recall (0-1) against the number of questions, one line per
+    system of ``results`` (``score_file``'s, with their ``curve``); a 120-dpi PNG at ``path``, returned."""
     plt = _pyplot()
     panels = (("bleu", "BLEU"), ("rougeL", "ROUGE-L"), ("tag_recall", "tag recall"))
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), constrained_layout=True)
@@ -49,6 +53,8 @@ def plot_curves(results: Sequence[dict], path: Path) -> Path:
 
 
 def plot_systems(results: Sequence[dict], path: Path) -> Path:
+    """Fig. 3a/3b: each system's final BLEU and ROUGE-L (bars, 0-1) and its unanswered rate (%);
+    a 120-dpi PNG at ``path``, returned."""
     plt = _pyplot()
     names = [result["system"] for result in results]
     positions = range(len(results))
@@ -78,9 +84,12 @@ def plot_systems(results: Sequence[dict], path: Path) -> Path:
     return path
 
 
-def plot_weighted_rank(result: dict, path: Path, top: int = TOP_CONCEPTS) -> Path:
+def plot_weighted_rank(result: dict, path: Path) -> Path:
+    """Fig. 7 for one system: the weighted rank (Eq. 11: mean question position of the first
+    reveal) of its TOP_CONCEPTS most often revealed concepts, earliest on top, each labelled with
+    its number of sessions; a 120-dpi PNG at ``path``, returned."""
     plt = _pyplot()
-    rows = sorted(result["weighted_rank"], key=lambda row: -row["sessions"])[:top]
+    rows = sorted(result["weighted_rank"], key=lambda row: -row["sessions"])[:TOP_CONCEPTS]
     rows.sort(key=lambda row: row["wr"])
     fig, axis = plt.subplots(figsize=(7, 0.35 * max(4, len(rows)) + 1.5), constrained_layout=True)
     labels = [f"{row['concept']} (n={row['sessions']})" for row in rows]
@@ -99,6 +108,8 @@ def plot_weighted_rank(result: dict, path: Path, top: int = TOP_CONCEPTS) -> Pat
 
 
 def write_plots(results: Sequence[dict], directory: Path) -> list[Path]:
+    """Every plot of a ``score`` run into ``directory`` (made if missing): curves.png, systems.png,
+    and weighted_rank_<slug(system)>.png per system that revealed a concept. Returns the paths."""
     directory.mkdir(parents=True, exist_ok=True)
     written = [plot_curves(results, directory / "curves.png"), plot_systems(results, directory / "systems.png")]
     for result in results:

@@ -34,6 +34,9 @@ NO_REPEAT_TEMPERATURE = 1.0
 
 
 class Questioner(ABC):
+    """Who asks in a simulated interview: ``ask`` proposes the next question for every running
+    interview at once. ``spec`` names it in the sessions (a model spec, "oracle" or "oracle-shuffled")."""
+
     spec: str = ""
 
     @abstractmethod
@@ -62,10 +65,16 @@ class LLMQuestioner(Questioner):
         self.no_repeat = no_repeat
 
     def request(self, interview: Interview, **options) -> Request:
+        """The Request for ``interview``'s next question: ``render.questioner_messages`` in this
+        questioner's profile form, ``max_tokens`` (64 by default) and ``options`` (the guard's
+        temperature and seed)."""
         messages = render.questioner_messages(interview.known(), interview.history(), self.profile_form)
         return Request(messages=tuple(messages), max_tokens=self.max_tokens, **options)
 
     def ask(self, interviews: Sequence[Interview]) -> list[str | None]:
+        """One batched ``generate_each`` for all ``interviews``, each text read by
+        ``parsing.parse_question`` ("" when it holds none); None, and a failed interview, where
+        the call failed for good. Then, with ``no_repeat``, repeats are resampled."""
         if not interviews:
             return []
         texts = self.backend.generate_each([self.request(interview) for interview in interviews])
@@ -110,6 +119,8 @@ class OracleQuestioner(Questioner):
         self.spec = ORACLE if seed is None else ORACLE_SHUFFLED
 
     def order(self, interview: Interview) -> list[int]:
+        """Indices into the record's ``questions`` in asking order: 0..n-1, or for
+        ``oracle-shuffled`` a permutation seeded by (seed, user id)."""
         indices = list(range(len(interview.record["questions"])))
         if self.seed is not None:
             # Seeded by user as well, so one user's order does not depend on who else is in the run.
@@ -117,6 +128,7 @@ class OracleQuestioner(Questioner):
         return indices
 
     def ask(self, interviews: Sequence[Interview]) -> list[str | None]:
+        """Each record's next question in ``order``; None once all n are asked (stop "exhausted")."""
         questions: list[str | None] = []
         for interview in interviews:
             order = self.order(interview)

@@ -39,6 +39,7 @@ def _nonempty_str(record: Record, key: str) -> str:
 
 
 def check_id(record: Record) -> None:
+    """ValueError unless ``id`` is a non-empty string or an integer (a bool is no id)."""
     if "id" not in record:
         raise ValueError("missing field 'id'")
     if not isinstance(record["id"], (str, int)) or isinstance(record["id"], bool) or str(record["id"]) == "":
@@ -46,10 +47,13 @@ def check_id(record: Record) -> None:
 
 
 def check_profile(record: Record) -> None:
+    """ValueError unless ``profile`` is a non-empty string: the input of ``structure``."""
     _nonempty_str(record, "profile")
 
 
 def check_tags(record: Record) -> None:
+    """ValueError unless ``tags`` is a non-empty list of ``{"tag", "content"}``, both non-empty
+    strings, with no name twice: the input of ``rank`` and ``generate-questions``."""
     tags = record.get("tags")
     if tags is None:
         raise ValueError("missing field 'tags' (run `funnelqa structure` first)")
@@ -67,6 +71,9 @@ def check_tags(record: Record) -> None:
 
 
 def check_questions(record: Record) -> None:
+    """``check_tags``, then ValueError unless ``questions`` is a non-empty list of ``{"question",
+    "answer", "tags"}``: non-empty strings, and a list naming only the record's own tags. The
+    input of ``corrupt`` and ``simulate``."""
     check_tags(record)
     questions = record.get("questions")
     if questions is None:
@@ -88,6 +95,9 @@ def check_questions(record: Record) -> None:
 
 
 def check_session(record: Record) -> None:
+    """ValueError unless the record is a ``simulate`` session, the input of ``score``: ``turns``,
+    ``elicited`` and a non-empty ``target`` are lists; every target and elicited item has string
+    ``tag`` and ``content``; every turn has a ``tags`` list and ``answered``."""
     for key in ("turns", "elicited", "target"):
         if not isinstance(record.get(key), list):
             raise ValueError(f"missing or non-list field {key!r} (is this `funnelqa simulate` output?)")
@@ -106,6 +116,7 @@ def check_session(record: Record) -> None:
 # ---- reading ----
 
 def source_name(source: str | os.PathLike) -> str:
+    """How messages name an input: "<stdin>" for '-', else the path as given."""
     return "<stdin>" if str(source) == "-" else str(source)
 
 
@@ -271,14 +282,16 @@ def read_records(
 
 
 def load_records(source: str | os.PathLike, validate: Validator | None = None, **kwargs) -> list[Record]:
+    """``read_records`` (same arguments, same errors) gathered into a list, for inputs that fit in memory."""
     return list(read_records(source, validate, **kwargs))
 
 
 # ---- writing ----
 
 def dumps(record: Record) -> str:
+    """``record`` as one JSONL line without its newline: non-ASCII kept as is, and each lone
+    surrogate (from a model's output, say), which UTF-8 cannot encode, replaced by U+FFFD."""
     text = json.dumps(record, ensure_ascii=False)
-    # A lone surrogate (from a model's output, say) cannot be written as UTF-8.
     return _SURROGATE.sub("\ufffd", text) if _SURROGATE.search(text) else text
 
 
@@ -305,7 +318,6 @@ class RecordWriter:
     """
 
     path: Path | None = None
-    key: Callable[[Record], str] = lambda r: str(r["id"])
     resume: bool = True
     done: dict[str, Record] = field(default_factory=dict)
     _writer: jsonlines.Writer | None = None
@@ -345,7 +357,7 @@ class RecordWriter:
                 # A line cut short by the kill is invalid: skipped, its record is redone.
                 for record in jsonlines.Reader(handle, loads=json.loads).iter(skip_invalid=True):
                     try:
-                        key = self.key(record)
+                        key = self._key(record)
                     except (TypeError, KeyError):
                         continue
                     digest = record.pop(_DIGEST_KEY, None)
@@ -358,12 +370,13 @@ class RecordWriter:
 
     @property
     def partial_path(self) -> Path:
+        """``PATH.partial``: where this run's records go until ``commit`` renames it (a writer to a path only)."""
         assert self.path is not None
         return self.path.with_name(self.path.name + ".partial")
 
     def is_done(self, record: Record) -> bool:
         """Whether ``record`` (an input) was finished by an earlier run; remembers it for ``write``."""
-        key = self.key(record)
+        key = self._key(record)
         if self.path is None:
             return False
         digest = self._inputs[key] = input_digest(record)
@@ -371,6 +384,10 @@ class RecordWriter:
             self._resumed.add(key)
             return True
         return False
+
+    @staticmethod
+    def _key(record: Record) -> str:
+        return str(record["id"])
 
     @staticmethod
     def _with_digest(record: Record, digest: str | None) -> Record:
@@ -382,13 +399,14 @@ class RecordWriter:
         if self.path is None or not self.resume:
             self._writer.write(record)
         else:
-            key = self.key(record)
+            key = self._key(record)
             self._writer.write(self._with_digest(record, self._inputs.get(key)))
             self.done[key] = record
             self._resumed.add(key)
         self.written += 1
 
     def write_many(self, records: Iterable[Record]) -> None:
+        """``write`` each record in turn (each one flushed as it goes)."""
         for record in records:
             self.write(record)
 
@@ -417,7 +435,7 @@ class RecordWriter:
         with jsonlines.open(self.partial_path, loads=json.loads) as reader:
             for record in reader:
                 record.pop(_DIGEST_KEY, None)
-                key = self.key(record)
+                key = self._key(record)
                 if key in self._resumed:
                     kept.pop(key, None)  # the later line wins, in the place it was written
                     kept[key] = record
@@ -451,6 +469,8 @@ class RecordWriter:
 
 
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
+    """``data`` as indented UTF-8 JSON (non-ASCII kept, a final newline) at ``path``, written to
+    ``PATH.tmp`` and renamed so no reader sees half a file; missing folders are made."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")

@@ -34,6 +34,7 @@ QUESTIONER_OPENER = "Hi! I'm ready for your questions."
 
 
 def format_tags(tags: Sequence[dict[str, str]]) -> str:
+    """One "- TAG: CONTENT" line per tag, in list order: how every prompt shows a profile."""
     return "\n".join(f"- {t['tag']}: {t['content']}" for t in tags)
 
 
@@ -71,6 +72,8 @@ def questioner_messages(
 
 
 def questioner_target(question: str) -> str:
+    """The questioner's assistant message for Q_t (the question, stripped): the training target of
+    Eq. 8, and how an asked question appears in the conversation."""
     return question.strip()
 
 
@@ -99,4 +102,6 @@ def simulator_messages(
 
 
 def simulator_target(answer: str, tags: Sequence[str]) -> str:
+    """The simulated user's assistant message, the target of Eq. 10: ``{"answer": A_i, "tags": T_i}``
+    as one line of JSON, non-ASCII kept; ``parsing.parse_simulator`` reads it back."""
     return json.dumps({"answer": answer, "tags": list(tags)}, ensure_ascii=False)

@@ -16,6 +16,7 @@ REPEAT_THRESHOLD = 0.8
 
 
 def question_words(question: str) -> frozenset[str]:
+    """The case-folded ``\\w+`` words of ``question``, as a set: what ``is_repeat`` compares."""
     return frozenset(re.findall(r"\w+", question.casefold()))
 
 

@@ -14,7 +14,6 @@ questions that repeat an earlier one of the same interview (funnelqa.repeats).
 from __future__ import annotations
 
 import collections
-import math
 from array import array
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -25,8 +24,16 @@ from funnelqa.errors import InputError, UsageError
 from funnelqa.records import Record, RecordWriter, check_session, read_records, source_name
 from funnelqa.repeats import repeated_turns
 
+# The session fields that name a system: one file of sessions is one system when they agree.
+_SYSTEM_FIELDS = ("questioner", "simulator", "profile_form")
+# BLEU's n-gram orders, and the additive counts one pair contributes (``_bleu_stats``): matches and
+# possible n-grams per order, then reference and translation length.
+_ORDER = metrics.BLEU_MAX_ORDER
+_BLEU_STATS = 2 * _ORDER + 2
+
 
 def profile_text(tags: Sequence[dict]) -> str:
+    """The tags' contents joined by single spaces, in list order: the text BLEU and ROUGE compare."""
     return " ".join(tag["content"] for tag in tags)
 
 
@@ -55,50 +62,12 @@ def elicited_after(session: Record, questions: int) -> list[dict]:
 
 
 def tag_recall(elicited: Sequence[dict], target: Sequence[dict]) -> float:
+    """Share (0-1) of the target's tag names found in ``elicited``; 0.0 for an empty target."""
     target_names = {tag["tag"] for tag in target}
     return len({tag["tag"] for tag in elicited} & target_names) / len(target_names) if target_names else 0.0
 
 
-def text_scores(
-    elicited: Sequence[Sequence[dict]], targets: Sequence[Sequence[dict]], *, seed: int, cache: metrics.RougeCache, interval: bool = False
-) -> dict:
-    predictions = [profile_text(tags) for tags in elicited]
-    references = [profile_text(tags) for tags in targets]
-    scores = {"bleu": metrics.bleu(predictions, references)["bleu"]}
-    scores.update(metrics.rouge(predictions, references, seed=seed, cache=cache, with_interval=interval))
-    scores["tag_recall"] = metrics.mean(tag_recall(e, t) for e, t in zip(elicited, targets))
-    return scores
-
-
-def funnel_correlation(sessions: Sequence[Record]) -> dict:
-    """Spearman rho between reveal position and generality, pooled over every revealed tag.
-
-    Generality of a tag = its index in its target list / (m - 1): 0 the most general, 1 the most
-    specific. A funnel questioner reveals general tags first, so rho > 0.
-    """
-    positions: list[float] = []
-    generality: list[float] = []
-    for session in sessions:
-        index = {tag["tag"]: i for i, tag in enumerate(session["target"])}
-        span = max(1, len(index) - 1)
-        for name, position in first_reveals(session):
-            positions.append(position)
-            generality.append(index[name] / span)
-    return {"rho": metrics.spearman(positions, generality), "pairs": len(positions)}
-
-
-def concept_ranks(sessions: Sequence[Record]) -> list[dict]:
-    """Weighted rank (Eq. 11) of each concept, i.e. tag name, from where it is first revealed."""
-    positions: dict[str, list[int]] = collections.defaultdict(list)
-    for session in sessions:
-        for name, position in first_reveals(session):
-            positions[name].append(position)
-    ranks = metrics.weighted_ranks(positions)
-    rows = [{"concept": name, "wr": wr, "sessions": len(positions[name])} for name, wr in ranks.items()]
-    return sorted(rows, key=lambda row: (row["wr"], -row["sessions"], row["concept"]))
-
-
-def _bleu_stats(prediction: str, reference: tuple[int, collections.Counter], max_order: int = 4) -> list[int]:
+def _bleu_stats(prediction: str, reference: tuple[int, collections.Counter]) -> list[int]:
     """One pair's additive BLEU counts: matches[4], possible[4], reference and translation length.
 
     The per-pair half of ``metrics.bleu``, so a corpus BLEU can be summed over a stream of pairs.
@@ -107,13 +76,13 @@ def _bleu_stats(prediction: str, reference: tuple[int, collections.Counter], max
     """
     tokens = metrics.tokenize_13a(prediction)
     length = len(tokens)
-    overlap = metrics._ngrams(tokens, max_order) & reference[1]
-    stats = [0] * (2 * max_order) + [reference[0], length]
+    overlap = metrics._ngrams(tokens, _ORDER) & reference[1]
+    stats = [0] * (2 * _ORDER) + [reference[0], length]
     for ngram, count in overlap.items():
         stats[len(ngram) - 1] += count
-    for order in range(1, max_order + 1):
+    for order in range(1, _ORDER + 1):
         if length - order + 1 > 0:
-            stats[max_order + order - 1] += length - order + 1
+            stats[_ORDER + order - 1] += length - order + 1
     return stats
 
 
@@ -125,20 +94,19 @@ class _GrowingBleu:
     the n-gram than the reference (the clipped counts of ``Counter &``). Otherwise it starts over.
     """
 
-    def __init__(self, reference: tuple[int, collections.Counter], max_order: int = 4):
+    def __init__(self, reference: tuple[int, collections.Counter]):
         self.reference_length, self.reference = reference
-        self.max_order = max_order
         self.tokens: list[str] = []
         self.counts: collections.Counter = collections.Counter()
-        self.matches = [0] * max_order
+        self.matches = [0] * _ORDER
 
     def stats(self, prediction: str) -> list[int]:
         tokens = metrics.tokenize_13a(prediction)
         if tokens[: len(self.tokens)] != self.tokens:
-            self.tokens, self.matches = [], [0] * self.max_order
+            self.tokens, self.matches = [], [0] * _ORDER
             self.counts.clear()
         for end in range(len(self.tokens), len(tokens)):
-            for order in range(1, min(self.max_order, end + 1) + 1):
+            for order in range(1, min(_ORDER, end + 1) + 1):
                 ngram = tuple(tokens[end - order + 1 : end + 1])
                 wanted = self.reference.get(ngram)
                 if wanted:
@@ -147,13 +115,13 @@ class _GrowingBleu:
                     self.counts[ngram] += 1
         self.tokens = tokens
         length = len(tokens)
-        possible = [max(0, length - order + 1) for order in range(1, self.max_order + 1)]
+        possible = [max(0, length - order + 1) for order in range(1, _ORDER + 1)]
         return self.matches + possible + [self.reference_length, length]
 
 
-def _bleu_reference(text: str, max_order: int = 4) -> tuple[int, collections.Counter]:
+def _bleu_reference(text: str) -> tuple[int, collections.Counter]:
     tokens = metrics.tokenize_13a(text)
-    return len(tokens), metrics._ngrams(tokens, max_order)
+    return len(tokens), metrics._ngrams(tokens, _ORDER)
 
 
 class _SessionRouge(metrics.RougeCache):
@@ -201,17 +169,10 @@ def _drop_tokenizer_caches() -> None:
             clear()
 
 
-def _bleu_from_stats(stats: Sequence[int], max_order: int = 4) -> float:
-    """Corpus BLEU from summed ``_bleu_stats``, with ``metrics.bleu``'s arithmetic."""
-    matches, possible = stats[:max_order], stats[max_order : 2 * max_order]
-    reference_length, translation_length = stats[2 * max_order], stats[2 * max_order + 1]
-    precisions = [matches[i] / possible[i] if possible[i] > 0 else 0.0 for i in range(max_order)]
-    geo_mean = math.exp(sum(math.log(p) / max_order for p in precisions)) if min(precisions) > 0 else 0.0
-    if reference_length == 0 or translation_length == 0:
-        return 0.0
-    ratio = translation_length / reference_length
-    brevity_penalty = 1.0 if ratio > 1.0 else math.exp(1 - 1.0 / ratio)
-    return geo_mean * brevity_penalty
+def _bleu_from_stats(stats: Sequence[int]) -> float:
+    """Corpus BLEU from summed ``_bleu_stats``, by ``metrics.bleu``'s own arithmetic."""
+    matches, possible = stats[:_ORDER], stats[_ORDER : 2 * _ORDER]
+    return metrics.bleu_from_counts(matches, possible, stats[2 * _ORDER], stats[2 * _ORDER + 1])["bleu"]
 
 
 def _add(total: list[int], stats: Sequence[int]) -> None:
@@ -241,21 +202,19 @@ class SessionScorer:
 
     Per session it keeps only numbers: three ROUGE F1 and a tag recall per question position up
     to the session's length (later positions repeat the last), the first-reveal positions, and
-    additive BLEU counts. ``result()`` gives what ``score_sessions`` documents; the numbers are
-    the same as scoring all sessions at once.
+    additive BLEU counts. ``result()`` gives the numbers, the same as scoring all sessions at once.
     """
 
-    def __init__(self, *, seed: int = 0, cache: metrics.RougeCache | None = None, rouge_tokenizer: str = "auto"):
+    def __init__(self, *, seed: int = 0, rouge_tokenizer: str = "auto"):
         self.seed = seed
-        self.cache = cache
-        self.rouge_tokenizer = rouge_tokenizer
+        self.rouge = _SessionRouge(tokenizer=rouge_tokenizer)
         self.questions = self.repeated = 0
         self.sessions = 0
         self.first: Record | None = None
         self.mixed = False
-        self.turns = self.unanswered = self.asked = self.complete = 0
+        self.turns = self.unanswered = self.complete = 0
         self.horizon = 0
-        self.final_bleu = [0] * 10
+        self.final_bleu = [0] * _BLEU_STATS
         self.final_rouge: list[tuple[float, ...]] = []
         self.final_recall: list[float] = []
         self.lengths = array("i")  # per session: question positions scored (at least 1)
@@ -268,10 +227,14 @@ class SessionScorer:
         self.concepts: dict[str, list[int]] = collections.defaultdict(list)
 
     def add(self, session: Record) -> None:
-        keys = ("questioner", "simulator", "profile_form")
+        """Fold one session (a ``check_session``-valid record) into the totals; its texts are not kept.
+
+        The first session's questioner, simulator and profile_form are kept in ``first``; a later
+        session with other values sets ``mixed``.
+        """
         if self.first is None:
-            self.first = {key: session.get(key) for key in keys}
-        elif any(session.get(key) != self.first[key] for key in keys):
+            self.first = {key: session.get(key) for key in _SYSTEM_FIELDS}
+        elif any(session.get(key) != self.first[key] for key in _SYSTEM_FIELDS):
             self.mixed = True
         self.sessions += 1
         turns = session["turns"]
@@ -279,23 +242,12 @@ class SessionScorer:
         reference = profile_text(target)
         self.turns += len(turns)
         self.unanswered += sum(not turn["answered"] for turn in turns)
-        self.asked += len(turns)
         self.horizon = max(self.horizon, session.get("max_questions") or 0, len(turns))
         asked = [turn["question"] for turn in turns if turn["question"].strip()]
         self.questions += len(asked)
         self.repeated += repeated_turns(asked)
-        if self.cache is None:
-            self.cache = _SessionRouge(tokenizer=self.rouge_tokenizer)
-        cache = self.cache
-        if isinstance(cache, _SessionRouge):
-            cache.start(target)
-
-        def rouge_f1(elicited: Sequence[dict]) -> tuple[float, ...]:
-            if isinstance(cache, _SessionRouge):
-                return cache.f1(elicited)
-            pair = cache.score(profile_text(elicited), reference)
-            return tuple(pair[t].fmeasure for t in metrics.ROUGE_TYPES)
-
+        self.rouge.start(target)
+        rouge_f1 = self.rouge.f1
         bleu_reference = _bleu_reference(reference)
 
         final = session["elicited"]
@@ -308,8 +260,8 @@ class SessionScorer:
         length = max(1, len(turns))
         self.lengths.append(length)
         while len(self.bleu_at) < length:
-            self.bleu_at.append([0] * 10)
-            self.bleu_after.append([0] * 10)
+            self.bleu_at.append([0] * _BLEU_STATS)
+            self.bleu_after.append([0] * _BLEU_STATS)
         growing = _GrowingBleu(bleu_reference)
         for questions in range(1, length + 1):
             elicited = elicited_after(session, questions)
@@ -340,7 +292,7 @@ class SessionScorer:
             rouge_scores.append(tuple(self.rouge_points[3 * at : 3 * at + 3]))
             recalls.append(self.recall_points[at])
             start += length
-        bleu = [0] * 10
+        bleu = [0] * _BLEU_STATS
         if questions <= len(self.bleu_at):
             _add(bleu, self.bleu_at[questions - 1])
         for length in range(1, min(questions - 1, len(self.bleu_after)) + 1):
@@ -355,15 +307,27 @@ class SessionScorer:
         return scores
 
     def result(self) -> dict:
+        """The system's numbers, all shares and scores in 0-1 unless named otherwise.
+
+        ``bleu``; ``rouge1``, ``rouge2``, ``rougeL`` (F1, bootstrap median) each with ``*_ci95``
+        [low, high]; ``tag_recall``; ``unanswered_rate`` (of turns; None without turns);
+        ``questions_asked`` (turns per session); ``complete_rate``; ``repeat_rate`` (of asked
+        questions, ``funnelqa.repeats``); ``rouge_tokenizer``; ``curve``: ``questions`` [1..T] and
+        bleu, rouge1/2/L and tag_recall after each number of questions (Fig. 4);
+        ``funnel_spearman`` {rho, pairs}: Spearman's rho of each tag's first-reveal position against
+        its generality (index in the target / (m - 1)), > 0 for a funnel order; ``weighted_rank``
+        [{concept, wr, sessions}] sorted by wr (Eq. 11, Fig. 7). Raises UsageError when no session
+        was added.
+        """
         if not self.sessions:
             raise UsageError("no sessions to score")
         summary = self._text_scores(self.final_bleu, self.final_rouge, self.final_recall, interval=True)
         summary["unanswered_rate"] = self.unanswered / self.turns if self.turns else None
-        summary["questions_asked"] = self.asked / self.sessions
+        summary["questions_asked"] = self.turns / self.sessions
         summary["complete_rate"] = self.complete / self.sessions
         summary["repeat_rate"] = self.repeated / self.questions if self.questions else 0.0
         # Which tokenizer scored ROUGE: "default" numbers equal evaluate's, "unicode" ones do not.
-        summary["rouge_tokenizer"] = "+".join(sorted(self.cache.used))
+        summary["rouge_tokenizer"] = "+".join(sorted(self.rouge.used))
         curve: dict[str, list] = {"questions": list(range(1, self.horizon + 1))}
         for questions in curve["questions"]:
             for name, value in self._point(questions).items():
@@ -376,9 +340,9 @@ class SessionScorer:
         return summary
 
 
-def score_sessions(sessions: Iterable[Record], *, seed: int = 0, cache: metrics.RougeCache | None = None) -> dict:
-    """Every number of one system (one session file); ``sessions`` may be a one-pass stream."""
-    scorer = SessionScorer(seed=seed, cache=cache)
+def score_sessions(sessions: Iterable[Record], *, seed: int = 0) -> dict:
+    """``SessionScorer.result()`` of ``sessions`` (one system), which may be a one-pass stream."""
+    scorer = SessionScorer(seed=seed)
     for session in sessions:
         scorer.add(session)
     return scorer.result()
@@ -402,33 +366,36 @@ def _last_part(path: str) -> str:
     return Path(path.rstrip("/")).name or path
 
 
-def system_name(sessions: Sequence[Record], source: str) -> str:
-    first = sessions[0]
-    keys = ("questioner", "simulator", "profile_form")
-    stem = Path(source).stem if source != "<stdin>" else "stdin"
-    if not all(first.get(key) for key in keys):
-        return stem
-    if any(session.get(key) != first.get(key) for session in sessions for key in keys):
-        return stem  # a mixed file: its own name says more than its first line
+def system_name(first: Record, source: str, *, mixed: bool = False) -> str:
+    """A system's name in the table and the plots: "QUESTIONER / SIMULATOR / FORM" from the
+    ``first`` session's fields, specs shortened (``hf:/m/base+/runs/q`` -> ``hf:base+q``).
+
+    ``source`` is the file as ``records.source_name`` gives it. Its stem ("stdin" for stdin) is the
+    name instead when one of the three fields is missing, or the file is ``mixed`` (its sessions
+    disagree on them): then the file's own name says more than its first line.
+    """
+    if mixed or not all(first.get(key) for key in _SYSTEM_FIELDS):
+        return Path(source).stem if source != "<stdin>" else "stdin"
     return f"{_short_spec(first['questioner'])} / {_short_spec(first['simulator'])} / {first['profile_form']}"
 
 
-def score_file(path: str, *, seed: int = 0, cache: metrics.RougeCache | None = None, rouge_tokenizer: str = "auto") -> dict:
-    """Score one session file, streaming: memory holds one session plus the numbers kept per session."""
-    scorer = SessionScorer(seed=seed, cache=cache, rouge_tokenizer=rouge_tokenizer)
+def score_file(path: str, *, seed: int = 0, rouge_tokenizer: str = "auto") -> dict:
+    """Score one session file, streaming: memory holds one session plus the numbers kept per session.
+
+    Sessions carrying an ``error`` are left out. Returns ``system`` (``system_name``), ``source``,
+    ``questioner``, ``simulator``, ``profile_form`` (the first session's), ``sessions`` (how many
+    were scored) and ``SessionScorer.result()``'s fields. Raises InputError for a line that is not
+    a session (``check_session``) or a file with no session left to score.
+    """
+    scorer = SessionScorer(seed=seed, rouge_tokenizer=rouge_tokenizer)
     for session in read_records(path, check_session):
         if "error" not in session:
             scorer.add(session)
     if not scorer.sessions:
         raise InputError(source_name(path), None, "holds no sessions")
     first = scorer.first
-    stem = Path(source_name(path)).stem if source_name(path) != "<stdin>" else "stdin"
-    keys = ("questioner", "simulator", "profile_form")
-    # A mixed file's own name says more than its first line.
-    name = stem if scorer.mixed or not all(first.get(key) for key in keys) else (
-        f"{_short_spec(first['questioner'])} / {_short_spec(first['simulator'])} / {first['profile_form']}")
     result = {
-        "system": name,
+        "system": system_name(first, source_name(path), mixed=scorer.mixed),
         "source": source_name(path),
         "questioner": first.get("questioner"),
         "simulator": first.get("simulator"),
@@ -447,6 +414,8 @@ def _unique_names(results: list[dict]) -> None:
 
 
 def print_table(results: Sequence[dict]) -> None:
+    """The comparison table on stderr: per result n, BLEU, ROUGE-1/2/L, recall, unanswered and
+    repeat rates, questions asked and Spearman rho (3 decimals, "-" for None), then a legend."""
     from rich import box
     from rich.console import Console
     from rich.table import Table

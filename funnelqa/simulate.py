@@ -46,6 +46,8 @@ class UserSimulator:
         self.max_tokens = max_tokens
 
     def request(self, interview: Interview, question: str) -> Request:
+        """The Request for the user's answer to ``question``: ``render.simulator_messages`` (JP^u,
+        the interview so far, the question), ``max_tokens`` (128 by default), ANSWER_SCHEMA."""
         messages = render.simulator_messages(interview.target, question, interview.simulator_history())
         return Request(messages=tuple(messages), max_tokens=self.max_tokens, json_schema=ANSWER_SCHEMA)
 
@@ -68,6 +70,9 @@ class UserSimulator:
 
 @dataclass
 class TurnReport:
+    """What ``run_interviews`` tells ``on_turn`` after each turn: ``turn`` of ``max_questions``;
+    questions ``asked`` and ``answered`` in it; interviews still ``live`` and ``finished``."""
+
     turn: int
     max_questions: int
     asked: int
@@ -145,7 +150,6 @@ def simulate_file(
     out: Path | None = None,
     options: BackendOptions | None = None,
     use_cache: bool = True,
-    cache_path: Path | None = None,
     seed: int = 0,
     limit: int | None = None,
     skip_invalid: bool = False,
@@ -185,7 +189,7 @@ def simulate_file(
         def open_model(spec: ModelSpec) -> Backend:
             # One model serves both roles when both name it: loaded once, one copy in memory.
             if spec not in opened:
-                opened[spec] = open_backend(spec, options, use_cache=use_cache, cache_path=cache_path)
+                opened[spec] = open_backend(spec, options, use_cache=use_cache)
             return opened[spec]
 
         meta = {"questioner": questioner, "simulator": simulator, "profile_form": form}

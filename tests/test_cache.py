@@ -65,7 +65,7 @@ def test_answers_that_arrived_are_cached_before_a_failure_is_raised(tmp_path):
     backend = CachedBackend(fake, LLMCache(tmp_path / "c.sqlite"))
     with pytest.raises(BackendError, match="HTTP 500"):
         backend.generate([Request.chat(None, text) for text in "ab"])
-    assert LLMCache(tmp_path / "c.sqlite").get_many(backend._keys([Request.chat(None, "a")]))
+    assert LLMCache(tmp_path / "c.sqlite").lookup(backend._keys([Request.chat(None, "a")]))[0]
 
 
 def test_a_cache_written_before_statuses_is_upgraded(tmp_path):

@@ -129,7 +129,7 @@ def test_a_killed_conversion_is_cleaned_up_by_the_next(tmp_path, monkeypatch):
     # The pid of a process that has exited stands for a conversion killed mid-way.
     gone = subprocess.Popen(["true"])
     gone.wait()
-    target_name = f"model-{models._file_sha256(gguf)[:12]}"
+    target_name = f"model-{models.file_sha256(gguf)[:12]}"
     abandoned = tmp_path / "cache" / "models" / f".{target_name}.partial-{gone.pid}"
     abandoned.mkdir(parents=True)
     (abandoned / "model.safetensors").write_bytes(b"half")

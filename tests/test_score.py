@@ -6,11 +6,10 @@ import pytest
 from funnelqa import metrics
 from funnelqa.repeats import repeated_turns
 from funnelqa.score import (
-    concept_ranks,
     elicited_after,
     first_reveals,
-    funnel_correlation,
     profile_text,
+    score_file,
     score_sessions,
     system_name,
     tag_recall,
@@ -80,22 +79,22 @@ def test_scores_of_a_partial_session_by_hand():
 
 def test_weighted_rank_pools_first_reveals_over_sessions():
     sessions = [session("a", [["Genre"], ["Tone"]]), session("b", [["Tone"], ["Genre", "Era"]]), session("c", [["Genre"], ["Genre"]])]
-    ranks = {r["concept"]: (r["wr"], r["sessions"]) for r in concept_ranks(sessions)}
+    ranks = {r["concept"]: (r["wr"], r["sessions"]) for r in score_sessions(sessions)["weighted_rank"]}
     # Genre first revealed at 1, 2, 1 (re-asking in c does not count again); Tone at 2, 1; Era at 2.
     assert ranks == {"Genre": (pytest.approx(4 / 3), 3), "Tone": (1.5, 2), "Era": (2.0, 1)}
 
 
 def test_funnel_correlation_is_negative_for_a_reversed_funnel():
     reversed_funnel = [session("a", [["Era"], ["Tone"], ["Genre"]])]
-    assert funnel_correlation(reversed_funnel)["rho"] == pytest.approx(-1.0)
+    assert score_sessions(reversed_funnel)["funnel_spearman"]["rho"] == pytest.approx(-1.0)
 
 
-def test_system_names():
-    assert system_name([session("a", [])], "x/sessions.jsonl") == "oracle / fake:s.json / qa"
+def test_system_names(tmp_path):
+    assert system_name(session("a", []), "x/sessions.jsonl") == "oracle / fake:s.json / qa"
     spec = "hf:/models/base+/runs/exp/questioner-qa"
-    assert system_name([session("a", [], questioner=spec)], "x.jsonl") == "hf:base+questioner-qa / fake:s.json / qa"
+    assert system_name(session("a", [], questioner=spec), "x.jsonl") == "hf:base+questioner-qa / fake:s.json / qa"
     mixed = [session("a", []), session("b", [], simulator="local")]
-    assert system_name(mixed, "runs/mixed.jsonl") == "mixed"
+    assert score_file(str(write_sessions(tmp_path / "mixed.jsonl", mixed)))["system"] == "mixed"
 
 
 def write_sessions(path: Path, sessions) -> Path:
@@ -141,11 +140,39 @@ def test_score_cli_rejects_files_that_are_not_sessions(tmp_path):
     assert f"{bad}:1" in result.stderr and "funnelqa simulate" in result.stderr
 
 
-def _all_at_once(sessions, seed=0):
-    """score_sessions as it was before streaming: every session in memory, corpus metrics over lists."""
-    from funnelqa import metrics
-    from funnelqa.score import text_scores
+def text_scores(elicited, targets, *, seed, cache, interval=False):
+    predictions = [profile_text(tags) for tags in elicited]
+    references = [profile_text(tags) for tags in targets]
+    scores = {"bleu": metrics.bleu(predictions, references)["bleu"]}
+    scores.update(metrics.rouge(predictions, references, seed=seed, cache=cache, with_interval=interval))
+    scores["tag_recall"] = metrics.mean(tag_recall(e, t) for e, t in zip(elicited, targets))
+    return scores
 
+
+def funnel_correlation(sessions):
+    positions, generality = [], []
+    for session in sessions:
+        index = {tag["tag"]: i for i, tag in enumerate(session["target"])}
+        span = max(1, len(index) - 1)
+        for name, position in first_reveals(session):
+            positions.append(position)
+            generality.append(index[name] / span)
+    return {"rho": metrics.spearman(positions, generality), "pairs": len(positions)}
+
+
+def concept_ranks(sessions):
+    positions = {}
+    for session in sessions:
+        for name, position in first_reveals(session):
+            positions.setdefault(name, []).append(position)
+    rows = [{"concept": name, "wr": wr, "sessions": len(positions[name])}
+            for name, wr in metrics.weighted_ranks(positions).items()]
+    return sorted(rows, key=lambda row: (row["wr"], -row["sessions"], row["concept"]))
+
+
+def _all_at_once(sessions, seed=0):
+    """score_sessions as it was before streaming: every session in memory, corpus metrics over
+    lists (text_scores, funnel_correlation and concept_ranks are the library's code of then)."""
     cache = metrics.RougeCache()
     targets = [s["target"] for s in sessions]
     finals = [s["elicited"] for s in sessions]

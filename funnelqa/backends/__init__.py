@@ -116,10 +116,14 @@ class Request:
 
     @classmethod
     def chat(cls, system: str | None, user: str, **options: Any) -> Request:
+        """A one-turn chat: a system message unless ``system`` is empty, then ``user``. ``options``
+        are the other fields: max_tokens (new tokens at most), temperature, seed, json_schema."""
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
         return cls(messages=tuple(messages), **options)
 
     def payload(self) -> dict[str, Any]:
+        """Every field as plain JSON (messages a list of ``{"role", "content"}``): what
+        ``cache.cache_key`` hashes, so two requests share a cached answer only if all fields agree."""
         data = asdict(self)
         data["messages"] = [dict(m) for m in self.messages]
         return data
@@ -178,11 +182,16 @@ class BackendOptions:
 
 
 class Backend(ABC):
-    # The spec this backend was built from, redacted: shown in messages and, unless a backend
-    # knows better, its cache identity.
+    """The protocol every model implements: ``generate`` answers a batch of Requests, one string
+    per request, in order; nothing else is required.
+
+    ``spec``: the spec the backend was built from, redacted; shown in messages and, unless a
+    backend knows better, its cache identity. ``batch_size``: how many requests a stage should
+    hand over at once, large enough to keep the model busy and small enough that a crash loses
+    little (answers are cached per batch).
+    """
+
     spec: str = ""
-    # How many requests a stage should hand over at once: large enough to keep the model busy,
-    # small enough that a crash loses little (answers are cached per batch).
     batch_size: int = 16
 
     @classmethod
@@ -224,7 +233,8 @@ class Backend(ABC):
         return {}
 
     def close(self) -> None:
-        pass
+        """Let go of what the backend holds (connections, model weights); it answers no more
+        requests afterwards. The default holds nothing."""
 
 
 def load_backend(spec: ModelSpec, options: BackendOptions | None = None) -> Backend:
@@ -252,6 +262,7 @@ class CachedBackend(Backend):
 
     @property
     def cache_id(self) -> str:
+        """The inner backend's: a cache in front of a model does not change its answers."""
         return self.inner.cache_id
 
     def _keys(self, requests: Sequence[Request]) -> list[str]:
@@ -260,15 +271,20 @@ class CachedBackend(Backend):
         return [cache_key(self.inner.cache_id, r.payload()) for r in requests]
 
     def generate(self, requests: Sequence[Request]) -> list[str]:
-        # The answers that arrived are cached before a failure is raised: a re-run buys only the rest.
+        """``generate_each``, then BackendError for the first request that failed for good; the
+        answers that did arrive are cached before it is raised, so a re-run buys only the rest."""
         return raise_failures(self.generate_each(requests))
 
     def generate_each(self, requests: Sequence[Request], on_answer: Callable[[int, str], None] | None = None) -> list[str]:
+        """Complete cached answers are served without a call; the rest go to the inner backend in
+        chunks of its ``batch_size``, identical requests asked once, and each answer is stored as
+        it arrives (a failed one is not stored). ``on_answer`` gets every answer, in request
+        order, once all are in. Raises what the inner backend raises for a fault that stops
+        every request (BackendUnavailable)."""
         keys = self._keys(requests)
         found, stale = self.cache.lookup(keys)
         missing = [i for i, key in enumerate(keys) if key not in found]
         self.hits += len(requests) - len(missing)
-        # Identical requests in one batch are asked once.
         unique: dict[str, int] = {}
         for i in missing:
             unique.setdefault(keys[i], i)
@@ -293,12 +309,16 @@ class CachedBackend(Backend):
         return answers
 
     def forget(self, requests: Sequence[Request]) -> None:
+        """Mark the stored answers to ``requests`` "unusable": kept in the file, asked again next time."""
         self.cache.mark_unusable(self._keys(requests))
 
     def counters(self) -> dict[str, int]:
+        """``calls`` (requests the model was asked), ``from_cache`` (served from the file),
+        ``refreshed`` (stored failures asked again), then the inner backend's counters."""
         return {"calls": self.calls, "from_cache": self.hits, "refreshed": self.refreshed, **self.inner.counters()}
 
     def close(self) -> None:
+        """Close the inner backend, then the cache's SQLite connection."""
         self.inner.close()
         self.cache.close()
 

@@ -23,6 +23,7 @@ from funnelqa.errors import BackendError, BackendUnavailable
 
 
 def prompt_text(request: Request) -> str:
+    """The contents of all the request's messages joined by newlines: the text ``contains`` is sought in."""
     return "\n".join(m["content"] for m in request.messages)
 
 
@@ -31,16 +32,21 @@ def _as_text(answer: Any) -> str:
 
 
 class FakeBackend(Backend):
+    """A backend that answers each request with ``responder(request)``. It keeps every request it
+    saw in ``requests`` and the size of every ``generate`` batch in ``batches``, for tests."""
+
     def __init__(self, responder: Callable[[Request], str], name: str = "fake", identity: str | None = None):
         self.responder = responder
         self.spec = name
         # A script's answers are fixed by its content; a Python responder is known only to this object.
         self._identity = identity or uuid.uuid4().hex
-        self.requests: list[Request] = []  # every request seen, for tests to inspect
+        self.requests: list[Request] = []
         self.batches: list[int] = []
 
     @classmethod
     def from_spec(cls, spec: ModelSpec, options: BackendOptions) -> FakeBackend:
+        """``fake:SCRIPT.json`` played by ``scripted``; ``options`` are ignored. Raises
+        BackendUnavailable when the spec names no script, or it is missing, not JSON or not a list."""
         if not spec.model:
             raise BackendUnavailable("the fake backend needs a script: fake:PATH/TO/rules.json")
         path = Path(spec.model)
@@ -55,15 +61,23 @@ class FakeBackend(Backend):
 
     @property
     def cache_id(self) -> str:
+        """``fake#`` and the first 16 hex digits of the script's SHA-256, so an edited script is
+        asked afresh; a Python responder's id is random, so no two share cached answers."""
         return f"fake#{self._identity}"
 
     def generate(self, requests: Sequence[Request]) -> list[str]:
+        """``responder`` on each request in order; what it raises (a script's BackendError for a
+        prompt no rule matches) comes through."""
         self.requests.extend(requests)
         self.batches.append(len(requests))
         return [self.responder(r) for r in requests]
 
 
 def scripted(rules: list[dict[str, Any]]) -> Callable[[Request], str]:
+    """A responder that plays ``rules`` (the module docstring's format): the first rule that
+    matches answers; a ``responses`` queue gives its answers in turn and then repeats the last.
+    Raises BackendUnavailable when ``rules`` is not a list; the responder raises BackendError for
+    a prompt that no rule matches."""
     if not isinstance(rules, list):
         raise BackendUnavailable("a fake backend script is a JSON list of rules")
     queues = [list(rule.get("responses", [])) for rule in rules]

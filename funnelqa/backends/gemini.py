@@ -99,6 +99,11 @@ def _retry_after(exc: genai_errors.APIError) -> float | None:
 
 
 class GeminiBackend(HTTPBackend):
+    """``gemini:MODEL``: one ``models.generate_content`` call per request, through ``HTTPBackend``'s
+    workers and retries. System messages become the system instruction and assistant turns the
+    "model" role; ``json_schema`` is sent as ``response_json_schema`` (plain JSON Schema).
+    ``timeout`` is in seconds per request."""
+
     def __init__(
         self,
         model: str,
@@ -129,6 +134,9 @@ class GeminiBackend(HTTPBackend):
 
     @classmethod
     def from_spec(cls, spec: ModelSpec, options: BackendOptions) -> GeminiBackend:
+        """The key from GEMINI_API_KEY, else GOOGLE_API_KEY; the endpoint from
+        FUNNELQA_GEMINI_BASE_URL, else Google's; timeout, concurrency and max_retries from
+        ``options``. Raises BackendUnavailable when no key is set (nothing is sent yet)."""
         api_key = next((os.environ[name] for name in KEY_ENVS if os.environ.get(name)), None)
         if not api_key:
             raise BackendUnavailable(
@@ -170,6 +178,12 @@ class GeminiBackend(HTTPBackend):
         return contents, config
 
     def call_once(self, request: Request) -> str:
+        """One generateContent round trip: an Answer that is complete, "length" (cut at
+        ``max_tokens``), "blocked" or "empty" (``answer_of``); a request with an empty message,
+        which the API would refuse, is a "failed" Answer and is not sent. Raises RetryableFailure
+        for HTTP 408/409/429/5xx, transport faults and unreadable bodies, BackendUnavailable for
+        401/403/404, BackendError for another 4xx, UsageError for a role other than system,
+        user or assistant."""
         contents, config = self._contents_and_config(request)
         if contents is None:
             return Answer("", "failed", f"{self.label}: not sent: {config}")
@@ -195,5 +209,6 @@ class GeminiBackend(HTTPBackend):
         return answer_of(response, request.max_tokens)
 
     def close(self) -> None:
+        """Close the genai client and its pooled httpx client."""
         self.client.close()
         self._http.close()

@@ -25,6 +25,17 @@ from funnelqa.errors import BackendError
 
 
 class HFBackend(Backend):
+    """``hf:PATH[+ADAPTER]`` and ``local[:NAME][+ADAPTER]`` on ``options.device`` (default cuda when
+    there is one, else cpu), loaded by ``models.load_causal_lm`` with left padding.
+
+    ``options.dtype``: float32, bfloat16 or float16; "auto" or None picks bf16 where the device
+    computes it natively, else float32 (``models.inference_dtype``). ``options.batch_size``
+    prompts decode together. ``options.prefix_cache_mb`` bounds the prefix cache in MiB (None: a
+    quarter of the device's memory; 0, or a model with sliding-window layers: no cache).
+    Raises BackendUnavailable when the model, its package or the adapter is missing or cannot
+    load; UsageError for an unknown embedded model or dtype.
+    """
+
     def __init__(self, spec: ModelSpec, options: BackendOptions):
         # Checked before torch is imported, so a wrong spec fails at once. The embedded default is
         # filled in here: ``local`` and ``local:smollm2-135m`` share one cache identity.
@@ -62,10 +73,14 @@ class HFBackend(Backend):
 
     @classmethod
     def from_spec(cls, spec: ModelSpec, options: BackendOptions) -> HFBackend:
+        """Loads the model at once: seconds, or tens of seconds the first time a GGUF is converted."""
         return cls(spec, options)
 
     @property
     def cache_id(self) -> str:
+        """``SPEC#FINGERPRINT#DTYPE``: the spec with the embedded default filled in, the hash of
+        weights, tokenizer, template and adapter (``models.fingerprint``), and the dtype, since
+        float32 and bf16 answers differ a little. A retrained adapter is never served stale answers."""
         return self._cache_id
 
     def encode(self, request: Request) -> list[int]:
@@ -76,6 +91,12 @@ class HFBackend(Backend):
             raise BackendError(f"{self.spec}: {exc}") from None
 
     def generate(self, requests: Sequence[Request]) -> list[str]:
+        """Answers in request order, decoded ``batch_size`` prompts at a time, shortest first:
+        greedy at temperature 0, else sampled with the request's seed; at most ``max_tokens`` new
+        tokens, special tokens dropped from the text. A prompt that fills the model's context is
+        not run: its answer is a failed Answer (returned, not raised). Raises BackendError when the
+        chat template cannot render a request, or transformers ignores the key/value cache
+        (transformers < 5.24)."""
         import torch
 
         if not requests:
@@ -224,6 +245,7 @@ class HFBackend(Backend):
             self.prefix_cache.store(ids, tokens, states)
 
     def close(self) -> None:
+        """Drop the model, so its memory can be freed; generating afterwards fails."""
         self.model = None
 
 

@@ -112,8 +112,15 @@ def _log_wait(message: str) -> None:
 
 
 class HTTPBackend(Backend):
-    # Backoff before retry k is about backoff_base * 2**k seconds, never more than backoff_cap.
-    # Class attributes so tests (and impatient users) can shrink them.
+    """A backend that calls a server once per request (``call_once``), up to ``concurrency``
+    requests at a time in worker threads, each tried ``max_retries + 1`` times at most.
+
+    The wait before retry k is ``backoff_delay``: about ``backoff_base * 2**k`` seconds, jittered,
+    at most ``backoff_cap``, at least the server's own hint. Those are class attributes so tests
+    (and impatient users) can shrink them; FUNNELQA_BACKOFF_BASE (seconds) sets the base too.
+    ``batch_size`` is 4 x ``concurrency``; ``label`` (also ``spec``) is the redacted spec.
+    """
+
     backoff_base: float = 1.0
     backoff_cap: float = 60.0
 
@@ -138,12 +145,21 @@ class HTTPBackend(Backend):
         """One round trip. Raise RetryableFailure when another try may help, a FunnelQAError when not."""
 
     def counters(self) -> dict[str, int]:
+        """``{"http_retries": N}``: the waits before a retry so far, over every request."""
         return {"http_retries": self.http_retries}
 
     def generate(self, requests: Sequence[Request]) -> list[str]:
+        """``generate_each``, then BackendError for the first request that failed for good."""
         return raise_failures(self.generate_each(requests))
 
     def generate_each(self, requests: Sequence[Request], on_answer: Callable[[int, str], None] | None = None) -> list[str]:
+        """Answers in request order; each also goes to ``on_answer(index, answer)`` as it arrives.
+
+        A request that cannot succeed (a 4xx the server will not change its mind on, retries
+        spent) becomes a failed Answer and the others go on. Raises BackendUnavailable when no
+        request can: nothing answers at ``base_url`` after every try, or the server rejects the key
+        (401/403) or the model (404); the other workers then stop at once, as they do on Ctrl-C.
+        """
         on_answer = on_answer or (lambda index, answer: None)
         stop = threading.Event()
         answers: list[str] = [""] * len(requests)

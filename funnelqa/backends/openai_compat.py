@@ -26,6 +26,8 @@ KEY_ENV = "OPENAI_API_KEY"
 
 
 def chat_payload(model: str, request: Request) -> dict[str, Any]:
+    """The JSON body of ``POST /chat/completions``: model, messages, max_tokens, temperature,
+    seed, and for a ``json_schema`` a ``response_format`` of type json_schema named "answer"."""
     payload: dict[str, Any] = {
         "model": model,
         "messages": [{"role": m["role"], "content": m["content"]} for m in request.messages],
@@ -59,6 +61,10 @@ def error_message(response: httpx.Response) -> str:
 
 
 class OpenAIBackend(HTTPBackend):
+    """``openai:MODEL@BASE_URL``: one chat completion per request over httpx, through
+    ``HTTPBackend``'s workers and retries; ``api_key``, when given, goes as a Bearer token.
+    ``timeout`` is in seconds per request."""
+
     def __init__(
         self,
         model: str,
@@ -84,6 +90,9 @@ class OpenAIBackend(HTTPBackend):
 
     @classmethod
     def from_spec(cls, spec: ModelSpec, options: BackendOptions) -> OpenAIBackend:
+        """Model and base URL from the spec, the key from OPENAI_API_KEY if set, timeout,
+        concurrency and max_retries from ``options``. Nothing is sent yet: a server that is not
+        there shows up as BackendUnavailable on the first call."""
         return cls(
             spec.model,
             spec.base_url,
@@ -94,6 +103,10 @@ class OpenAIBackend(HTTPBackend):
         )
 
     def call_once(self, request: Request) -> str:
+        """One POST: the first choice's text as an Answer, "length" for finish_reason length,
+        "blocked" for content_filter or a refusal, "empty" for no choice or no text. Raises
+        RetryableFailure for HTTP 408/409/429/5xx, transport faults and bodies that are not a
+        chat completion, BackendUnavailable for 401/403/404, BackendError for another 4xx."""
         try:
             response = self._http.post(self._url, json=chat_payload(self.model, request))
         except httpx.TransportError as exc:
@@ -129,4 +142,5 @@ class OpenAIBackend(HTTPBackend):
         return Answer(text)
 
     def close(self) -> None:
+        """Close the pooled httpx client."""
         self._http.close()

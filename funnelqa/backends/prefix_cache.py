@@ -25,6 +25,9 @@ BLOCK_TOKENS = 16
 
 @dataclass
 class PrefixStats:
+    """Counts since the cache was made: ``prompt_tokens`` looked up and ``reused_tokens`` found
+    stored (tokens), ``evicted_blocks`` dropped to stay within the budget."""
+
     prompt_tokens: int = 0
     reused_tokens: int = 0
     evicted_blocks: int = 0
@@ -103,5 +106,6 @@ class PrefixCache:
             self.stats.evicted_blocks += 1
 
     def clear(self) -> None:
+        """Drop every stored block (``used_bytes`` back to 0); ``stats`` keep counting."""
         self._blocks.clear()
         self.used_bytes = 0

@@ -30,10 +30,13 @@ MODEL_HELP = (
 
 
 def out_path(value: Optional[Path]) -> Optional[Path]:
+    """``--out`` for the library: None (write stdout) when not given or '-', else the path."""
     return None if value is None or str(value) == "-" else value
 
 
 def backend_options(concurrency: int = 8, timeout: float = 60.0, batch_size: int = 16, dtype: str = "auto"):
+    """BackendOptions from the shared --concurrency, --timeout (seconds per HTTP request),
+    --batch-size and --dtype options; every other knob keeps its default."""
     from funnelqa.backends import BackendOptions
 
     return BackendOptions(concurrency=concurrency, timeout=timeout, batch_size=batch_size, dtype=dtype)

@@ -11,6 +11,7 @@ from funnelqa.commands import common
 
 
 def register(app: typer.Typer) -> None:
+    """Add ``corrupt`` to ``app``: ``corrupt.corrupt_file``, its summary printed on stderr."""
     @app.command("corrupt")
     def corrupt_command(
         source: str = common.INPUT,

@@ -11,6 +11,7 @@ from funnelqa.commands import common
 
 
 def register(app: typer.Typer) -> None:
+    """Add ``experiment`` to ``app``: ``experiment.run_experiment`` on one TOML config."""
     @app.command("experiment")
     def experiment_command(
         config: Path = typer.Argument(..., help="Experiment config (TOML), e.g. experiments/paper-cpu.toml."),

@@ -58,5 +58,7 @@ def _command(stage_name: str):
 
 
 def register(app: typer.Typer) -> None:
+    """Add ``structure``, ``rank`` and ``generate-questions`` to ``app``: ``forward.run_file`` for
+    that stage, its summary printed on stderr."""
     for name in ("structure", "rank", "generate-questions"):
         app.command(name, help=HELP[name])(_command(name))

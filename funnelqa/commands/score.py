@@ -11,6 +11,7 @@ from funnelqa.commands import common
 
 
 def register(app: typer.Typer) -> None:
+    """Add ``score`` to ``app``: ``score.score_files`` over one or more session files."""
     @app.command("score")
     def score(
         sessions: List[str] = typer.Argument(..., help="Session files from `funnelqa simulate`, one per system."),

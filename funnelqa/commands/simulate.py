@@ -11,6 +11,7 @@ from funnelqa.commands import common
 
 
 def register(app: typer.Typer) -> None:
+    """Add ``simulate`` to ``app``: ``simulate.simulate_file``."""
     @app.command("simulate")
     def simulate(
         forward: str = typer.Argument(..., help="Forward records (JSONL with tags and funnel questions), or '-'."),

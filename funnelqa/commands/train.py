@@ -74,6 +74,8 @@ def _train(role: str, examples: str, options: dict[str, Any]) -> None:
 
 
 def register(app: typer.Typer) -> None:
+    """Add ``train-questioner`` and ``train-simulator`` to ``app``, their options made from
+    TrainConfig's fields; each prints the run card as one JSON line on stdout."""
     @app.command("train-questioner")
     @_with_config_options("questioner")
     def train_questioner(examples: str, **options: Any) -> None:

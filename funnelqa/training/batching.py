@@ -16,8 +16,12 @@ import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from funnelqa.training.examples import IGNORE_INDEX, Encoded
+
+if TYPE_CHECKING:
+    import torch
 
 # Micro-batches per sorting window: large enough that lengths in a batch are close, small
 # enough that batches of all lengths are spread over the epoch.
@@ -49,14 +53,17 @@ class StepPlan:
 
     @property
     def micro_batches_per_epoch(self) -> int:
+        """Micro-batches in one pass over the examples, all processes together: ceil(n_examples / batch_size)."""
         return math.ceil(self.n_examples / self.batch_size)
 
     @property
     def micro_batches_per_step(self) -> int:
+        """Micro-batches in one optimizer step, all processes together: grad_accum x num_processes."""
         return self.grad_accum * self.num_processes
 
     @property
     def steps_per_epoch(self) -> int:
+        """Optimizer steps per epoch, rounded up (``step_batches`` wraps around to fill the last)."""
         return math.ceil(self.micro_batches_per_epoch / self.micro_batches_per_step)
 
     def step_batches(self, epoch_batches: list[list[int]], step_in_epoch: int, process_index: int) -> list[list[int]]:
@@ -70,14 +77,20 @@ class StepPlan:
 
 @dataclass
 class Batch:
-    input_ids: "torch.Tensor"  # noqa: F821 (torch is imported lazily)  [rows, width]
-    attention_mask: "torch.Tensor"  # noqa: F821  [rows, width]
-    position_ids: "torch.Tensor"  # noqa: F821  [rows, width]
-    labels: "torch.Tensor"  # noqa: F821  [rows, width], IGNORE_INDEX where no loss
-    tokens: int  # real (non-padding) tokens
+    """A left-padded micro-batch. ``input_ids``, ``attention_mask`` (1 on real tokens),
+    ``position_ids`` (counting each row's real tokens from 0) and ``labels`` (the token id where
+    loss falls, IGNORE_INDEX elsewhere) are long tensors ``[rows, width]``; ``tokens``: real tokens
+    in the batch; ``target_tokens``: tokens that carry loss."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    labels: torch.Tensor
+    tokens: int
     target_tokens: int
 
     def to(self, device) -> Batch:
+        """The same batch with its four tensors moved to ``device``."""
         return Batch(
             self.input_ids.to(device), self.attention_mask.to(device), self.position_ids.to(device),
             self.labels.to(device), self.tokens, self.target_tokens,
@@ -85,6 +98,8 @@ class Batch:
 
 
 def collate(items: Sequence[Encoded], pad_id: int) -> Batch:
+    """The Batch of ``items``, on the CPU: width = the longest item in tokens, each row padded on the
+    left with ``pad_id``, labels from ``Encoded.labels``."""
     import torch
 
     width = max(len(item) for item in items)

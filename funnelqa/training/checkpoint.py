@@ -20,10 +20,13 @@ STATE = "state.json"
 
 
 def checkpoint_root(out: Path) -> Path:
+    """``OUT/checkpoints``, the folder of the ``step-NNNNNNN`` checkpoints."""
     return Path(out) / CHECKPOINTS
 
 
 def latest_checkpoint(out: Path) -> Path | None:
+    """The finished checkpoint with the highest step under ``OUT/checkpoints`` (a ``step-N`` folder
+    holding state.json; ``.partial`` ones are ignored), or None."""
     root = checkpoint_root(out)
     if not root.is_dir():
         return None
@@ -32,6 +35,7 @@ def latest_checkpoint(out: Path) -> Path | None:
 
 
 def rng_state() -> dict[str, Any]:
+    """This process's random states: ``python``, ``numpy``, ``torch`` (CPU) and, with CUDA, ``cuda`` (every GPU's)."""
     import numpy as np
     import torch
 
@@ -42,6 +46,7 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what ``rng_state`` saved; the CUDA states only where CUDA is available."""
     import numpy as np
     import torch
 
@@ -53,10 +58,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def trainable_state(model) -> dict[str, Any]:
+    """``{parameter name: CPU copy}`` of the parameters that require grad, i.e. the LoRA weights."""
     return {name: p.detach().cpu().clone() for name, p in model.named_parameters() if p.requires_grad}
 
 
 def load_trainable_state(model, weights: dict[str, Any]) -> None:
+    """Copy ``weights`` (``trainable_state``'s) into the model's trainable parameters, on their
+    device and dtype. Raises UsageError when the names differ: another adapter's checkpoint."""
     import torch
 
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
@@ -96,6 +104,7 @@ def save_checkpoint(accelerator, out: Path, step: int, model, optimizer, schedul
 
 
 def read_state(checkpoint: Path) -> dict[str, Any]:
+    """The checkpoint's state.json: ``options``, ``num_processes``, ``data_sha256``, ``history`` and ``step``."""
     return json.loads((checkpoint / STATE).read_text(encoding="utf-8"))
 
 

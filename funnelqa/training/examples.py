@@ -15,7 +15,6 @@ the same function the hf backend prompts with.
 
 from __future__ import annotations
 
-import hashlib
 import random
 import shutil
 import sys
@@ -29,6 +28,7 @@ from typing import Any
 from funnelqa import render
 from funnelqa.chat_template import encode_chat
 from funnelqa.errors import InputError, UsageError
+from funnelqa.models import file_sha256
 from funnelqa.records import Record, read_records, source_name
 
 IGNORE_INDEX = -100
@@ -54,12 +54,16 @@ def _list_of_objects(record: Record, key: str, fields: Sequence[str]) -> None:
 
 
 def check_questioner_example(record: Record) -> None:
+    """ValueError unless ``known`` is a list of {tag, content} and ``history`` of {question,
+    answer}, all strings, and ``target`` is a non-empty string."""
     _list_of_objects(record, "known", ("tag", "content"))
     _list_of_objects(record, "history", ("question", "answer"))
     _string(record, "target")
 
 
 def check_simulator_example(record: Record) -> None:
+    """ValueError unless ``profile_tags`` is a list of {tag, content} (strings), ``question`` and
+    ``answer`` are non-empty strings and ``tags`` is a list of strings."""
     _list_of_objects(record, "profile_tags", ("tag", "content"))
     _string(record, "question")
     _string(record, "answer")
@@ -97,15 +101,8 @@ class ExampleSet:
 
     @property
     def users(self) -> list[str]:
+        """The distinct user ids of ``examples``, as strings, sorted."""
         return sorted({str(r["id"]) for r in self.examples})
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _check_role(record: Record) -> None:
@@ -297,13 +294,16 @@ class Encoded:
 
     @property
     def target_length(self) -> int:
+        """Tokens that carry loss: the summed lengths of the ``targets`` spans."""
         return sum(end - start for start, end in self.targets)
 
     @property
     def first_target(self) -> int:
+        """Index of the first token that carries loss; the tokens before it are the prompt."""
         return self.targets[0][0]
 
     def labels(self) -> list[int]:
+        """One label per token: the token id inside a target span, IGNORE_INDEX (-100) elsewhere."""
         labels = [IGNORE_INDEX] * len(self.input_ids)
         for start, end in self.targets:
             labels[start:end] = self.input_ids[start:end]
@@ -312,14 +312,20 @@ class Encoded:
 
 @dataclass
 class EncodeStats:
+    """What encoding did, for the run card: the ``layout``; sequences ``encoded``; prompts
+    ``truncated`` (lost their start to --max-length); targets ``dropped_too_long``;
+    ``conversations`` rebuilt; ``incomplete_users`` whose steps did not chain into one interview;
+    ``windows_split`` (conversations longer than --max-length, cut between turns);
+    ``unanswerable_turns`` (the questioner's inserted "No preference" turns, without loss)."""
+
     layout: str = "steps"
     encoded: int = 0
     truncated: int = 0
     dropped_too_long: int = 0
     conversations: int = 0
     incomplete_users: list[str] = field(default_factory=list)
-    windows_split: int = 0  # conversations longer than --max-length, cut into windows between turns
-    unanswerable_turns: int = 0  # questioner: inserted "No preference" turns (no loss)
+    windows_split: int = 0
+    unanswerable_turns: int = 0
 
 
 def encode_steps(tokenizer: Any, examples: Sequence[Record], role: str, profile_form: str | None,

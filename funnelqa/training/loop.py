@@ -46,6 +46,7 @@ class StepReport:
 
 
 def read_run_card(out: Path) -> dict[str, Any] | None:
+    """``OUT/run_card.json`` as a dict, or None while the run has not finished (no card yet)."""
     path = Path(out) / RUN_CARD
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
@@ -145,7 +146,6 @@ def train(
     config: TrainConfig,
     source: str | Path,
     *,
-    on_step: Callable[[StepReport], None] | None = None,
     show_progress: bool = True,
 ) -> dict[str, Any] | None:
     """Fine-tune a LoRA adapter on the ``config.role`` examples in ``source`` (a path or '-').
@@ -158,7 +158,7 @@ def train(
         from accelerate import PartialState
 
         return finished if PartialState().is_main_process else None
-    return Trainer(config, source).run(on_step=on_step, show_progress=show_progress)
+    return Trainer(config, source).run(show_progress=show_progress)
 
 
 class Trainer:
@@ -278,9 +278,16 @@ class Trainer:
         return self.accelerator.unwrap_model(self._model)
 
     def evaluate(self) -> float | None:
+        """The eval loss now: mean cross-entropy in nats per target token over the held-out users'
+        sequences, summed over every process; None when no user was held out."""
         return evaluate_loss(self._model, self.eval_set, self.config.batch_size, self.tokenizer.pad_token_id, self.accelerator)
 
     def run(self, *, on_step: Callable[[StepReport], None] | None = None, show_progress: bool = True) -> dict[str, Any] | None:
+        """Train to ``total_steps``, with the eval loss before, every ``eval_every`` steps and at
+        the end, and a checkpoint every ``save_every`` steps; ``on_step`` gets a StepReport after
+        each step (main process). Then saves the adapter (peft format, safetensors) and
+        run_card.json in ``config.out``, removes the checkpoints and returns the card on the main
+        process, None on the others. Collective: every process must call it."""
         config, history = self.config, self.history
         if not history["eval"]:
             history["eval"].append([0, self.evaluate()])
