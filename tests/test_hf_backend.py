@@ -180,7 +180,7 @@ def test_a_small_budget_evicts_and_answers_stay_right(tiny):
 def test_generation_uses_the_current_cache_api_without_deprecation_warnings(tiny):
     # transformers 5.24 renamed forward's ``past_key_values`` to ``cache`` and warns on the old name
     # at every call; the warning would reach users on every run.
-    backend = load_backend(f"hf:{tiny}", BackendOptions(batch_size=3, device="cpu", dtype="float32"))
+    backend = load_backend(ModelSpec.parse(f"hf:{tiny}"), BackendOptions(batch_size=3, device="cpu", dtype="float32"))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for requests in interview_like(3):  # the later turns start from kept prefixes
