@@ -73,6 +73,8 @@ class Transcript(Interview):
     """
 
     def add_turn(self, question: str, answer: str, tags: Sequence[str], raw: str | None) -> None:
+        """Record one turn as simulate does; an empty or "No preference" answer is kept as
+        NO_PREFERENCE and marked unanswered. ``raw``: what the person typed."""
         answered = bool(answer.strip()) and not parsing.is_no_preference(answer)
         self.turns.append(
             {
@@ -87,6 +89,7 @@ class Transcript(Interview):
         self.guard = None
 
     def complete(self) -> bool:
+        """Always False: without a known profile nothing says the transcript is whole."""
         return False  # nothing to complete: only the person knows when the profile is whole
 
     def session(self, meta: dict) -> Record:
@@ -126,6 +129,8 @@ class AnswerTagger:
         self.max_tokens = max_tokens
 
     def request(self, interview: Interview, question: str, answer: str) -> Request:
+        """The simulator's own prompt for ``question`` (profile JP^u in the system prompt, the
+        interview so far as turns) with the person's ``answer`` to map: prompts/tagger.txt."""
         asked = load("tagger").replace("{question}", question.strip()).replace("{answer}", answer.strip())
         messages = render.simulator_messages(interview.target, asked, interview.simulator_history())
         return Request(messages=tuple(messages), max_tokens=self.max_tokens, json_schema=ANSWER_SCHEMA)
@@ -175,6 +180,7 @@ class Terminal:
         return line
 
     def say(self, text: str | Text, style: str = "") -> None:
+        """One line on stderr (rich ``style``, e.g. "bold"); markup in ``text`` is not interpreted."""
         self.console.print(text if isinstance(text, Text) else Text(text, style=style), highlight=False)
 
     def busy(self, what: str):
@@ -310,6 +316,8 @@ class Chat:
     # ---- what the person sees ----
 
     def opening(self, *, questioner: str = "", simulator: str = "", tagger: str = "", form: str = "") -> None:
+        """The lines before the first question: who asks, who answers, how answers become tags
+        (specs as redacted strings), and the commands the person can type."""
         user = self.interview.record["id"]
         size = len(self.interview.target)
         if self.asker is not None:
@@ -395,6 +403,8 @@ class Chat:
                           "Ctrl-C or Ctrl-D: the same", "dim")
 
     def closing(self, where: str) -> None:
+        """The last line: turns kept, why the chat stopped, tags revealed, and ``where`` the
+        session went (a path, or "stdout")."""
         interview = self.interview
         words = {STOP_DONE: "ended with /done", STOP_INTERRUPTED: "interrupted (Ctrl-C)",
                  STOP_END_OF_INPUT: "end of input", STOP_LIMIT: f"asked {self.max_questions} questions",

@@ -64,6 +64,7 @@ class Stage:
 
 @dataclass
 class StageRun:
+    """What one stage did in this run: its command, wall seconds, and whether an earlier run had done it."""
     name: str
     command: list[str]
     seconds: float
@@ -72,6 +73,7 @@ class StageRun:
 
 @dataclass
 class Experiment:
+    """One run of a config: the config as read, the run folder, and the stages run so far."""
     config_path: Path
     config: dict[str, Any]
     root: Path
@@ -79,10 +81,13 @@ class Experiment:
 
     @property
     def name(self) -> str:
+        """The config's ``name``, else its file name without .toml."""
         return self.config.get("name", self.config_path.stem)
 
 
 def load_config(path: str | os.PathLike) -> dict[str, Any]:
+    """The TOML config at ``path`` as a dict (tomllib). UsageError when it is missing, is not
+    TOML, or lacks ``forward``."""
     path = Path(path)
     try:
         config = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -96,6 +101,8 @@ def load_config(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def file_digest(path: Path) -> str:
+    """SHA-256 (hex) of a file, or of a folder's top-level files (names and bytes, in name order).
+    One running hash rather than models.file_sha256 per file: stamps of earlier runs stay valid."""
     digest = hashlib.sha256()
     # An adapter folder is its top-level files; stamps and checkpoints below it do not change it.
     targets = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")) if path.is_dir() else [path]
@@ -125,10 +132,12 @@ def stamp_key(stage: Stage) -> str:
 
 
 def stamp_path(stage: Stage) -> Path:
+    """``.<output name>.stamp`` beside the stage's output: it holds stamp_key at completion."""
     return stage.output.parent / f".{stage.output.name}.stamp"
 
 
 def is_done(stage: Stage) -> bool:
+    """True when the output exists and its stamp matches this command and these inputs."""
     stamp = stamp_path(stage)
     return stage.output.exists() and stamp.exists() and stamp.read_text().strip() == stamp_key(stage)
 
@@ -207,6 +216,8 @@ def run_stages(exp: Experiment, stages: list[Stage], jobs: int = 1) -> None:
 
 
 def launch(exp: Experiment, stage: Stage, cores: set[int] | None, jobs: int):
+    """Start ``stage`` (not waiting): pinned to ``cores`` when given, with its stderr in
+    ``<root>/logs/`` when ``jobs`` > 1. Returns (process, log path or None, open log handle or None)."""
     env = dict(os.environ)
     preexec = None
     if cores is not None:
@@ -237,6 +248,7 @@ def wait_any(running: dict[subprocess.Popen, Any]) -> subprocess.Popen:
 
 
 def slug(label: str) -> str:
+    """A file name for a label: "a / b [qa]" -> "a__b-qa"."""
     return label.replace(" / ", "__").replace(" ", "-").replace("[", "").replace("]", "").replace("+", "")
 
 
@@ -370,6 +382,7 @@ def run_experiment(config_path: str | os.PathLike, root: str | os.PathLike | Non
 
 
 def hardware() -> str:
+    """One line for the report: CPU architecture and cores, Python, torch and GPU (if any)."""
     try:
         import torch
 
@@ -382,6 +395,10 @@ def hardware() -> str:
 
 def write_report(exp: Experiment, scores: Path, plots: Path, labels: dict[str, str], seconds: float,
                  cards: dict[str, dict] | None = None, jobs: int = 1) -> Path:
+    """Write ``<root>/report.md``: the score table (one row per system of scores.jsonl, named by
+    ``labels``: session path -> label), the training table and eval-loss plot from the run
+    ``cards``, every stage's command and wall seconds, the total ``seconds``, the plots, and
+    one test user's interviews side by side. Returns the report's path."""
     rows = [json.loads(line) for line in scores.read_text(encoding="utf-8").splitlines() if line.strip()]
     lines = [f"# Experiment `{exp.name}`", "", f"Config: `{exp.config_path}`; hardware: {hardware()}.", ""]
     lines += ["| system | users | BLEU | ROUGE-1 | ROUGE-2 | ROUGE-L | tag recall | unanswered | repeated | questions | funnel rho |",

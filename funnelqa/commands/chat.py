@@ -11,6 +11,7 @@ from funnelqa.commands import common
 
 
 def register(app: typer.Typer) -> None:
+    """Add ``chat`` to ``app``: ``chat.chat`` with a person as the user (or as the questioner)."""
     @app.command("chat")
     def chat(
         questioner: Optional[str] = typer.Option(
