@@ -111,6 +111,10 @@ def transcript_text(turns: Sequence[dict]) -> str:
     return "\n".join(f"Q: {turn['question']}\nA: {turn['answer']}" for turn in turns if turn["answered"])
 
 
+# The --tagger value that maps answers by their words alone, without a model.
+WORDS_TAGGER = "words"
+
+
 class AnswerTagger:
     """A user simulator model's tag mapping (paper Eq. 10: answer A_i -> revealed tags T_i),
     applied to a person's answer.
@@ -148,6 +152,24 @@ class AnswerTagger:
             return None
         _, named = parsing.parse_simulator(text, interview.target)
         return (named or parsing.infer_tags(answer, interview.target)), str(text)
+
+
+class WordTagger:
+    """``--tagger words``: no model; an answer reveals the tags whose distinctive words it repeats
+    (``parsing.infer_tags``, the rule ``simulate`` applies to a simulator's prose answers).
+
+    Literal, so a paraphrase reveals nothing; but it never names a tag the person did not speak to,
+    which the small models do (the demo simulator as tagger named tags in profile order, one per
+    turn, whatever the answer said: docs/evaluation.md).
+    """
+
+    spec = WORDS_TAGGER
+
+    def tags(self, interview: Interview, question: str, answer: str) -> tuple[list[str], None]:
+        """(revealed tag names, None): the same contract as AnswerTagger.tags, never failing."""
+        if parsing.is_no_preference(answer):
+            return [], None
+        return parsing.infer_tags(answer, interview.target), None
 
 
 class Terminal:
@@ -199,7 +221,7 @@ class Chat:
 
     def __init__(self, interview: Interview, terminal: Terminal, *, max_questions: int, known: bool,
                  asker: Questioner | None = None, answerer: UserSimulator | None = None,
-                 tagger: AnswerTagger | None = None, source: str = ""):
+                 tagger: AnswerTagger | WordTagger | None = None, source: str = ""):
         self.interview = interview
         self.terminal = terminal
         self.max_questions = max_questions
@@ -506,7 +528,7 @@ def chat(
     asker_spec = parse_questioner(questioner) if questioner is not None else None
     simulator_spec = ModelSpec.parse(simulator) if simulator is not None else None
     tagger_text = (tagger or "local") if questioner is not None and target is not None else None
-    tagger_spec = ModelSpec.parse(tagger_text) if tagger_text is not None else None
+    tagger_spec = ModelSpec.parse(tagger_text) if tagger_text not in (None, WORDS_TAGGER) else None
     form = "qa"  # a person who asks sees the conversation so far: the qa form
     if asker_spec is not None:
         if asker_spec in REFERENCE_QUESTIONERS and target is None:
@@ -553,7 +575,8 @@ def chat(
             if asker_spec is not None:
                 talk = Chat(interview, terminal, max_questions=max_questions, known=target is not None,
                                asker=open_questioner(asker_spec, form, open_model, seed=seed, no_repeat=no_repeat),
-                               tagger=AnswerTagger(open_model(tagger_spec)) if tagger_spec is not None else None,
+                               tagger=(AnswerTagger(open_model(tagger_spec)) if tagger_spec is not None
+                                       else WordTagger() if tagger_text == WORDS_TAGGER else None),
                                source=source_name(target) if target is not None else "")
                 talk.opening(questioner=redact(questioner), tagger=redact(tagger_text or ""), form=form)
             else:

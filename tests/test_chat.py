@@ -493,3 +493,14 @@ def test_the_embedded_model_in_a_piped_chat(tmp_path):
     (tmp_path / "human.jsonl").write_text(result.stdout, encoding="utf-8")
     scored = run_cli("score", tmp_path / "human.jsonl")
     assert scored.returncode == 0, scored.stderr
+
+
+def test_the_words_tagger_maps_an_answer_by_the_tags_it_repeats_without_a_model(files):
+    typed = "westerns mostly\nskip\nanything by Sergio Leone\n"
+    result = run_cli("chat", "-q", f"fake:{files['questioner']}", "--target", files["forward"], "--id", "bob",
+                     "--tagger", "words", "-T", "3", "--no-cache", input=typed)
+    assert result.returncode == 0, result.stderr
+    session = json.loads(result.stdout)
+    assert session["tagger"] == "words"
+    assert [turn["tags"] for turn in session["turns"]] == [["Genre"], [], ["Directors"]]
+    assert all(turn.get("tagger_raw") is None for turn in session["turns"])

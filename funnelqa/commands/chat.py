@@ -32,7 +32,7 @@ def register(app: typer.Typer) -> None:
         tagger: Optional[str] = typer.Option(
             None, "--tagger",
             help="Maps your answers onto the known user's tags: a user simulator model spec, e.g. the trained "
-            "simulator local+runs/s. Default: local.",
+            "simulator local+runs/s, or 'words' (no model: the tags whose words the answer repeats). Default: local.",
         ),
         max_questions: int = typer.Option(10, "--max-questions", "-T", min=1, help="Questions at most (T)."),
         profile_form: Optional[str] = typer.Option(
