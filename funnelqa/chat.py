@@ -429,7 +429,7 @@ class Chat:
         session went (a path, or "stdout")."""
         interview = self.interview
         words = {STOP_DONE: "ended with /done", STOP_INTERRUPTED: "interrupted (Ctrl-C)",
-                 STOP_END_OF_INPUT: "end of input", STOP_LIMIT: f"asked {self.max_questions} questions",
+                 STOP_END_OF_INPUT: "end of input", STOP_LIMIT: f"asked {self.max_questions} question{'s' * (self.max_questions != 1)}",
                  STOP_COMPLETE: "every tag revealed", STOP_EXHAUSTED: "the questioner had no question left",
                  STOP_ERROR: "a model call failed for good"}
         line = f"session {interview.record['id']}: {len(interview.turns)} turn(s) kept, {words.get(interview.stop, interview.stop)}"
@@ -459,6 +459,8 @@ def find_user(path: str | Path, user_id: str | None, *, needs_questions: bool = 
         elif user_id is not None and str(record["id"]) == str(user_id):
             found = record
             break
+    if not ids:
+        raise UsageError(f"{source_name(path)} holds no users (it is empty)")
     if user_id is None and len(ids) != 1:
         raise UsageError(f"{source_name(path)} holds {len(ids)} users; choose one with --id "
                          f"(e.g. {', '.join(ids[:5])}{', ...' if len(ids) > 5 else ''})")

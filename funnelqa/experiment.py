@@ -176,20 +176,23 @@ def run_stages(exp: Experiment, stages: list[Stage], jobs: int = 1) -> None:
     free = list(range(jobs))
     slots = core_slots(jobs)
     while pending or running:
-        ready = [s for s in pending
-                 if all(producers[i].name in finished for i in s.inputs if i in producers)] if not failures else []
-        for stage in ready:
-            if not free:
-                break
-            pending.remove(stage)
-            if is_done(stage):
-                stderr.print(f"[dim]{escape(stage.name)}: done before, skipped[/]")
-                exp.stages.append(StageRun(stage.name, stage.command, 0.0, cached=True))
-                finished.add(stage.name)
-                continue
-            slot = free.pop(0)
-            process, log, handle = launch(exp, stage, slots[slot], jobs)
-            running[process] = (stage, time.perf_counter(), slot, log, handle)
+        # A stage done before frees no slot but may make others ready: look again until none is.
+        skipped = True
+        while skipped and free and not failures:
+            skipped = False
+            for stage in [s for s in pending if all(producers[i].name in finished for i in s.inputs if i in producers)]:
+                if not free:
+                    break
+                pending.remove(stage)
+                if is_done(stage):
+                    stderr.print(f"[dim]{escape(stage.name)}: done before, skipped[/]")
+                    exp.stages.append(StageRun(stage.name, stage.command, 0.0, cached=True))
+                    finished.add(stage.name)
+                    skipped = True
+                    continue
+                slot = free.pop(0)
+                process, log, handle = launch(exp, stage, slots[slot], jobs)
+                running[process] = (stage, time.perf_counter(), slot, log, handle)
         if not running:
             if pending and not failures:
                 raise FunnelQAError("stages wait on inputs no stage produces: " + ", ".join(s.name for s in pending))
@@ -289,9 +292,9 @@ def run_experiment(config_path: str | os.PathLike, root: str | os.PathLike | Non
     report's path. Raises UsageError for a bad config, FunnelQAError when a stage fails."""
     config = load_config(config_path)
     exp = Experiment(Path(config_path), config, Path(root or Path("runs") / config.get("name", Path(config_path).stem)))
-    jobs = int(jobs or config.get("jobs", 1))
-    if jobs < 1:
-        raise UsageError(f"{config_path}: jobs must be at least 1, not {jobs}")
+    jobs = jobs or config.get("jobs", 1)
+    if not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 1:
+        raise UsageError(f"{config_path}: jobs must be a whole number of stages, at least 1, not {jobs!r}")
     exp.root.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     seed = str(config.get("seed", 0))

@@ -189,6 +189,9 @@ def _not_jsonl(first_line: str, name: str) -> str | None:
     """What the file is instead of JSONL, judged by its first line, or None."""
     start = first_line.strip()
     stem = "records" if name == "<stdin>" else Path(name).stem
+    # Never the input's own name: the shell would empty the file before jq reads it.
+    if name != "<stdin>" and Path(name).name == f"{stem}.jsonl":
+        stem += "-lines"
     if start.startswith("["):
         return ("holds a JSON array, not JSONL (one JSON object per line); "
                 f"convert it with: jq -c '.[]' {name} > {stem}.jsonl")

@@ -85,3 +85,16 @@ def test_stages_run_at_once_each_after_its_inputs_and_a_failure_keeps_the_finish
         run_stages(exp, [broken, after_broken, fresh, first], jobs=2)
     assert (tmp_path / "fresh.txt").exists() and not (tmp_path / "after-broken.txt").exists()
     assert [run.name for run in exp.stages] == ["fresh"]  # nothing new starts after a failure
+
+
+def test_a_rerun_skips_a_chain_of_finished_stages_at_any_jobs(tmp_path):
+    from funnelqa.experiment import Experiment, run_stages
+
+    first = ScriptStage("first", tmp_path)
+    then = ScriptStage("then", tmp_path, inputs=[first.output])
+    last = ScriptStage("last", tmp_path, inputs=[then.output])
+    run_stages(Experiment(tmp_path / "x.toml", {}, tmp_path), [first, then, last], jobs=1)
+    for jobs in (1, 2):
+        exp = Experiment(tmp_path / "x.toml", {}, tmp_path)
+        run_stages(exp, [first, then, last], jobs=jobs)
+        assert [(run.name, run.cached) for run in exp.stages] == [("first", True), ("then", True), ("last", True)]
