@@ -399,8 +399,10 @@ def hardware() -> str:
 def write_report(exp: Experiment, scores: Path, plots: Path, labels: dict[str, str], seconds: float,
                  cards: dict[str, dict] | None = None, jobs: int = 1) -> Path:
     """Write ``<root>/report.md``: the score table (one row per system of scores.jsonl, named by
-    ``labels``: session path -> label), the training table and eval-loss plot from the run
-    ``cards``, every stage's command and wall seconds, the total ``seconds``, the plots, and
+    ``labels``: session path -> label) with bootstrap 95 % intervals, the paired differences
+    between systems on the same users (significant ones marked), the questioner-behaviour and
+    simulator-fidelity tables, Fig. 7 side by side, the training table and eval-loss plot from the
+    run ``cards``, every stage's command and wall seconds, the total ``seconds``, the plots, and
     one test user's interviews side by side. Returns the report's path."""
     rows = [json.loads(line) for line in scores.read_text(encoding="utf-8").splitlines() if line.strip()]
     lines = [f"# Experiment `{exp.name}`", "", f"Config: `{exp.config_path}`; hardware: {hardware()}.", ""]
@@ -409,10 +411,22 @@ def write_report(exp: Experiment, scores: Path, plots: Path, labels: dict[str, s
     for row in rows:
         rho = row.get("funnel_spearman", {}).get("rho")
         lines.append(
-            f"| {labels.get(row['source'], row['system'])} | {row['sessions']} | {row['bleu']:.3f} | {row['rouge1']:.3f} "
-            f"| {row['rouge2']:.3f} | {row['rougeL']:.3f} | {row['tag_recall']:.3f} | {100 * row['unanswered_rate']:.1f}% | {100 * row['repeat_rate']:.1f}% "
+            f"| {labels.get(row['source'], row['system'])} | {row['sessions']} | {_with_ci(row, 'bleu')} | {_with_ci(row, 'rouge1')} "
+            f"| {_with_ci(row, 'rouge2')} | {_with_ci(row, 'rougeL')} | {_with_ci(row, 'tag_recall')} "
+            f"| {_with_ci(row, 'unanswered_rate', percent=True)} | {_with_ci(row, 'repeat_rate', percent=True)} "
             f"| {row['questions_asked']:.2f} | {'-' if rho is None else f'{rho:.2f}'} |"
         )
+    bootstrap = next((row["bootstrap"] for row in rows if row.get("bootstrap")), None)
+    if bootstrap:
+        lines += ["", f"[low, high]: 95 % bootstrap interval over users ({bootstrap['resamples']} resamples, seed "
+                  f"{bootstrap['seed']}; for ROUGE, of the mean F1 per user)."]
+    from funnelqa.score import pairs_path
+
+    # score writes its paired differences beside scores.jsonl (``score.pairs_path``).
+    pairs_file = pairs_path(scores)
+    pairs = [json.loads(line) for line in pairs_file.read_text(encoding="utf-8").splitlines() if line.strip()] \
+        if pairs_file.exists() else []
+    lines += _uncertainty_sections(rows, pairs, labels, plots, exp.root)
     if cards:
         lines += ["", "## Training", "", "| model | layout | steps | epochs | train tokens | tokens/s | eval loss before -> after | train s |",
                   "|---|---|---|---|---|---|---|---|"]
@@ -437,6 +451,81 @@ def write_report(exp: Experiment, scores: Path, plots: Path, labels: dict[str, s
     report = exp.root / "report.md"
     report.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return report
+
+
+# Metrics of the paired-difference table: (key, heading, shown in %).
+_PAIRED = (("bleu", "BLEU", False), ("rougeL", "ROUGE-L", False), ("tag_recall", "tag recall", False),
+           ("unanswered_rate", "unanswered", True), ("repeat_rate", "repeated", True))
+
+
+def _number(value: float | None, percent: bool = False) -> str:
+    if value is None:
+        return "-"
+    return f"{100 * value:.1f}%" if percent else f"{value:.3f}"
+
+
+def _with_ci(row: dict, key: str, percent: bool = False) -> str:
+    """A score cell: the value and, when the row has one, its bootstrap interval in brackets."""
+    cell = _number(row.get(key), percent)
+    interval = (row.get("ci95") or {}).get(key)
+    if interval is None:
+        return cell
+    scale, digits = (100, 1) if percent else (1, 2)
+    return f"{cell} [{scale * interval[0]:.{digits}f}, {scale * interval[1]:.{digits}f}]"
+
+
+def _uncertainty_sections(rows: list[dict], pairs: list[dict], labels: dict[str, str], plots: Path, root: Path) -> list[str]:
+    """The report's sections after the score table: the paired differences (``pairs``, from
+    score's pairs file), questioner behaviour, simulator fidelity and Fig. 7 side by side (each
+    only when score wrote its numbers)."""
+    from funnelqa.plots import SIDE_BY_SIDE
+    from funnelqa.score import fidelity_by_simulator
+
+    name = {row["source"]: labels.get(row["source"], row["system"]) for row in rows}
+    lines: list[str] = []
+    if pairs:
+        lines += ["", "## Paired differences (A - B on the same users)", "",
+                  "| A - B | users | " + " | ".join(heading for _, heading, _ in _PAIRED) + " |", "|---" * (len(_PAIRED) + 2) + "|"]
+        for entry in pairs:
+            cells = []
+            for key, _, percent in _PAIRED:
+                diff = entry["diff"].get(key)
+                if diff is None or diff["value"] is None or diff["ci95"] is None:
+                    cells.append("-")
+                    continue
+                scale, unit, digits = (100, " pt", 1) if percent else (1, "", 3)
+                low, high = (scale * bound for bound in diff["ci95"])
+                text = f"{scale * diff['value']:+.{digits}f}{unit} [{low:+.{digits}f}, {high:+.{digits}f}] p={diff['p']:.3f}"
+                cells.append(f"**{text}** ✱" if diff["significant"] else text)
+            lines.append(f"| {name.get(entry['a_source'], entry['a'])} - {name.get(entry['b_source'], entry['b'])} | {entry['users']} | "
+                         + " | ".join(cells) + " |")
+        lines += ["", "Difference, 95 % paired-bootstrap interval and p-value (the same resampled users for both "
+                  "systems); **bold ✱** = significant at p < 0.05. Percentages in points."]
+    lines += ["", "## Questioner behaviour", "",
+              "| system | repeated (near) | repeated (exact) | not a question | mapped | about the user's concepts "
+              "| unanswered: no such preference | unanswered: simulator missed |",
+              "|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        lines.append(f"| {name[row['source']]} | " + " | ".join(_with_ci(row, key, percent=True) for key in (
+            "repeat_rate", "exact_repeat_rate", "non_question_rate", "mapped_rate", "answerable_rate",
+            "unanswered_absent_rate", "unanswered_missed_rate")) + " |")
+    lines += ["", "Definitions: docs/evaluation.md (Questioner behaviour). *mapped*: turns whose question an oracle "
+              "session gives the teacher's tags T_i for; the last three columns are decided on mapped turns only."]
+    pooled = fidelity_by_simulator(rows)
+    if pooled:
+        lines += ["", "## Simulator fidelity (oracle sessions, against the teacher's T_i)", "",
+                  "| simulator | sessions | turns | tag precision | tag recall | tag F1 | false 'No preference' | invented tags | grounding |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for simulator, row in pooled.items():
+            lines.append(f"| `{simulator}` | {row['sessions']} | {row['turns']} | " + " | ".join(_number(row[key]) for key in (
+                "tag_precision", "tag_recall", "tag_f1", "false_no_preference_rate", "invented_rate", "grounding")) + " |")
+    side_by_side = plots / SIDE_BY_SIDE
+    if side_by_side.exists():
+        lines += ["", "## Fig. 7 side by side: was the funnel learned?", "",
+                  "Weighted rank (Eq. 11) of the oracle's main concepts, in the oracle's order, for every system: "
+                  "a learned funnel repeats the oracle's staircase.", "",
+                  f"![weighted rank side by side]({os.path.relpath(side_by_side, root)})"]
+    return lines
 
 
 def transcripts(sessions_dir: Path, labels: dict[str, str], count: int) -> list[str]:

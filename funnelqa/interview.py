@@ -28,6 +28,9 @@ class Interview:
     stop: str | None = None
     # What the --no-repeat guard did to the question of the coming turn, kept with that turn.
     guard: dict | None = None
+    # The oracle's T_i for the coming turn (the teacher's tags of the question it asks), kept with
+    # that turn as ``expected_tags`` so score can check the simulator against it.
+    expected: list[str] | None = None
     # Why this interview stopped early: a model call for it failed for good (its batch-mates go on).
     error: str | None = None
 
@@ -63,7 +66,8 @@ class Interview:
         """Record one turn (Algorithm 2, lines 6-9). ``tags``: the names the answer reveals, each
         a target tag (KeyError otherwise); none means unanswered, stored as "No preference". New
         tags join ``elicited`` with their content from JP^u (line 7). ``raw``: the simulator's
-        unparsed output (None when nothing was asked). A pending ``guard`` note moves to the turn."""
+        unparsed output (None when nothing was asked). A pending ``guard`` note, and a pending
+        ``expected`` (the oracle's T_i, stored as ``expected_tags``), move to the turn."""
         content = {t["tag"]: t["content"] for t in self.target}
         answered = bool(tags)
         self.turns.append(
@@ -75,9 +79,11 @@ class Interview:
                 "answered": answered,
                 "raw": raw,
                 **({"guard": self.guard} if self.guard else {}),
+                **({"expected_tags": list(self.expected)} if self.expected is not None else {}),
             }
         )
         self.guard = None
+        self.expected = None
         revealed = self.revealed()
         for name in tags:
             if name not in revealed:
@@ -90,7 +96,7 @@ class Interview:
 
     def session(self, meta: dict) -> Record:
         """The session record of DESIGN.md: ``{"id", "turns": [{"question", "answer", "tags",
-        "answered", "raw"[, "guard"]}], "elicited", "target", **meta, "stop"}``, plus ``"error":
+        "answered", "raw"[, "guard"][, "expected_tags"]}], "elicited", "target", **meta, "stop"}``, plus ``"error":
         {"stage": "simulate", "message"}`` when a model call failed for good."""
         return {
             "id": self.record["id"],

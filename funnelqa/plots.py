@@ -1,18 +1,25 @@
 """PNG plots of `funnelqa score` results, after the paper's figures.
 
 - ``curves.png``: BLEU, ROUGE-L and tag recall against the number of questions (Fig. 4);
-- ``systems.png``: BLEU and ROUGE-L per system, and the unanswered rate (Fig. 3a, 3b);
-- ``weighted_rank_<system>.png``: weighted rank of the most frequent concepts (Fig. 7).
+- ``systems.png``: BLEU and ROUGE-L per system, and the unanswered rate (Fig. 3a, 3b), with the
+  bootstrap 95 % intervals over users as error bars when the results carry ``ci95``;
+- ``weighted_rank_<system>.png``: weighted rank of the most frequent concepts (Fig. 7);
+- ``compare/weighted_rank_side_by_side.png``: Fig. 7 for the oracle and every other system in one
+  figure, the oracle's concepts in the oracle's order in every panel (in ``compare/``, the folder of
+  figures across systems).
 """
 
 from __future__ import annotations
 
 import re
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
 # Concepts shown in a weighted-rank plot: the most frequently revealed ones, as in Fig. 7.
 TOP_CONCEPTS = 15
+# Fig. 7 of every system in one figure, under the plots folder.
+SIDE_BY_SIDE = "compare/weighted_rank_side_by_side.png"
 
 
 def slug(name: str) -> str:
@@ -52,6 +59,26 @@ def plot_curves(results: Sequence[dict], path: Path) -> Path:
     return path
 
 
+def error_bars(results: Sequence[dict], key: str, scale: float = 1.0) -> list[list[float]] | None:
+    """matplotlib ``yerr`` ([below], [above], each >= 0) from each result's ``ci95[key]`` around
+    its ``key`` (times ``scale``); None when no result has an interval. A missing interval, or a
+    point outside its interval (ROUGE's point is the aggregator's median, the interval that of the
+    mean), gives 0 on that side."""
+    intervals = [(result.get("ci95") or {}).get(key) for result in results]
+    if not any(intervals):
+        return None
+    below, above = [], []
+    for result, interval in zip(results, intervals):
+        value = result.get(key)
+        if interval is None or value is None:
+            below.append(0.0)
+            above.append(0.0)
+        else:
+            below.append(max(0.0, scale * (value - interval[0])))
+            above.append(max(0.0, scale * (interval[1] - value)))
+    return [below, above]
+
+
 def plot_systems(results: Sequence[dict], path: Path) -> Path:
     """Fig. 3a/3b: each system's final BLEU and ROUGE-L (bars, 0-1) and its unanswered rate (%);
     a 120-dpi PNG at ``path``, returned."""
@@ -64,15 +91,18 @@ def plot_systems(results: Sequence[dict], path: Path) -> Path:
     )
     bleu = [result["bleu"] for result in results]
     rouge = [result["rougeL"] for result in results]
-    bars = scores_axis.bar([p - width / 2 for p in positions], bleu, width, label="BLEU")
+    bars = scores_axis.bar([p - width / 2 for p in positions], bleu, width, label="BLEU", yerr=error_bars(results, "bleu"),
+                           capsize=3)
     scores_axis.bar_label(bars, fmt="%.2f", fontsize="small")
-    bars = scores_axis.bar([p + width / 2 for p in positions], rouge, width, label="ROUGE-L")
+    bars = scores_axis.bar([p + width / 2 for p in positions], rouge, width, label="ROUGE-L",
+                           yerr=error_bars(results, "rougeL"), capsize=3)
     scores_axis.bar_label(bars, fmt="%.2f", fontsize="small")
     scores_axis.set_title("(a) elicited vs. target profile")
     scores_axis.set_ylim(0, 1)
     scores_axis.legend()
     unanswered = [100 * (result["unanswered_rate"] or 0.0) for result in results]
-    bars = unanswered_axis.bar(list(positions), unanswered, 0.6, color="tab:red")
+    bars = unanswered_axis.bar(list(positions), unanswered, 0.6, color="tab:red",
+                               yerr=error_bars(results, "unanswered_rate", scale=100), capsize=3)
     unanswered_axis.bar_label(bars, fmt="%.0f%%", fontsize="small")
     unanswered_axis.set_title("(b) unanswered questions (%)")
     unanswered_axis.set_ylim(0, 100)
@@ -107,14 +137,61 @@ def plot_weighted_rank(result: dict, path: Path) -> Path:
     return path
 
 
+def reference_result(results: Sequence[dict]) -> dict:
+    """The system the side-by-side Fig. 7 orders its concepts by: the first whose questioner is
+    ``oracle`` (the teacher's funnel), else the first ``oracle-shuffled``, else the first result."""
+    for name in ("oracle", "oracle-shuffled"):
+        found = next((result for result in results if result.get("questioner") == name and result["weighted_rank"]), None)
+        if found is not None:
+            return found
+    return results[0]
+
+
+def plot_weighted_rank_side_by_side(results: Sequence[dict], path: Path) -> Path:
+    """Fig. 7 side by side: one panel per system (``reference_result`` first), each the weighted
+    rank (Eq. 11) of the reference's TOP_CONCEPTS most often revealed concepts, in the reference's
+    order (earliest on top) on every panel, so a learned funnel shows as the same staircase; a
+    concept a system never revealed has no bar ("-"). A 120-dpi PNG at ``path``, returned."""
+    plt = _pyplot()
+    reference = reference_result(results)
+    ordered = [reference, *(result for result in results if result is not reference)]
+    rows = sorted(reference["weighted_rank"], key=lambda row: -row["sessions"])[:TOP_CONCEPTS]
+    concepts = [row["concept"] for row in sorted(rows, key=lambda row: row["wr"])]
+    horizon = max(1, *(len(result["curve"]["questions"]) for result in ordered))
+    fig, axes = plt.subplots(1, len(ordered), figsize=(2.8 * len(ordered) + 2, 0.35 * max(4, len(concepts)) + 2),
+                             sharey=True, constrained_layout=True, squeeze=False)
+    for axis, result in zip(axes[0], ordered):
+        ranks = {row["concept"]: row for row in result["weighted_rank"]}
+        values = [ranks[name]["wr"] if name in ranks else 0.0 for name in concepts]
+        color = "tab:green" if result is reference else "tab:blue"
+        bars = axis.barh(range(len(concepts)), values, color=color)
+        axis.bar_label(bars, labels=[f"{ranks[name]['wr']:.1f}" if name in ranks else "-" for name in concepts],
+                       fontsize="x-small", padding=2)
+        axis.set_xlim(0, horizon + 1)
+        axis.grid(axis="x", alpha=0.3)
+        # Long system names would run into the next panel's title: wrapped to the panel's width.
+        axis.set_title(textwrap.fill(result["system"], 34), fontsize="small")
+        axis.set_xlabel("weighted rank")
+    axes[0][0].set_yticks(range(len(concepts)), concepts, fontsize="small")
+    axes[0][0].invert_yaxis()  # shared: the reference's earliest concept on top in every panel
+    fig.suptitle(f"Weighted rank of the concepts, in the order of {reference['system']}", fontsize="medium")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def write_plots(results: Sequence[dict], directory: Path) -> list[Path]:
     """Every plot of a ``score`` run into ``directory`` (made if missing): curves.png, systems.png,
-    and weighted_rank_<slug(system)>.png per system that revealed a concept. Returns the paths."""
+    weighted_rank_<slug(system)>.png per system that revealed a concept, and, with two or more
+    results and a reference that revealed one, ``SIDE_BY_SIDE``. Returns the paths."""
     directory.mkdir(parents=True, exist_ok=True)
     written = [plot_curves(results, directory / "curves.png"), plot_systems(results, directory / "systems.png")]
     for result in results:
         if result["weighted_rank"]:
             written.append(plot_weighted_rank(result, directory / f"weighted_rank_{slug(result['system'])}.png"))
+    if len(results) > 1 and reference_result(results)["weighted_rank"]:
+        (directory / SIDE_BY_SIDE).parent.mkdir(exist_ok=True)
+        written.append(plot_weighted_rank_side_by_side(results, directory / SIDE_BY_SIDE))
     return written
 
 

@@ -128,12 +128,21 @@ class OracleQuestioner(Questioner):
         return indices
 
     def ask(self, interviews: Sequence[Interview]) -> list[str | None]:
-        """Each record's next question in ``order``; None once all n are asked (stop "exhausted")."""
+        """Each record's next question in ``order``; None once all n are asked (stop "exhausted").
+
+        The question's teacher tags T_i go with it (``Interview.expected``, the turn's
+        ``expected_tags``): what a faithful simulator would reveal, which score's fidelity reads.
+        """
         questions: list[str | None] = []
         for interview in interviews:
             order = self.order(interview)
             asked = len(interview.turns)
-            questions.append(interview.record["questions"][order[asked]]["question"] if asked < len(order) else None)
+            if asked < len(order):
+                question = interview.record["questions"][order[asked]]
+                interview.expected = [str(name) for name in question.get("tags") or []]
+                questions.append(question["question"])
+            else:
+                questions.append(None)
         return questions
 
 

@@ -5,6 +5,7 @@ A question repeats an earlier one of the same interview when their word sets (lo
 Unicode words, every script) overlap by a Jaccard index of at least ``REPEAT_THRESHOLD``, or are
 equal. At 0.8, "What kinds of movies do you usually enjoy?" and "... usually avoid?" (7 of 9
 words shared, 0.78) are different questions; a reworded copy that changes one word in ten is not.
+An *exact* repeat (``exact_repeated_turns``) is the same text up to case and spacing.
 """
 
 from __future__ import annotations
@@ -35,3 +36,20 @@ def is_repeat(question: str, earlier: Sequence[str]) -> bool:
 def repeated_turns(questions: Sequence[str]) -> int:
     """How many of ``questions`` (one interview, in order) repeat an earlier one."""
     return sum(is_repeat(q, questions[:i]) for i, q in enumerate(questions))
+
+
+def _exact_form(question: str) -> str:
+    return " ".join(question.casefold().split())
+
+
+def exact_repeated_turns(questions: Sequence[str]) -> int:
+    """How many of ``questions`` (one interview, in order) are an exact copy of an earlier one:
+    equal once case-folded and with runs of whitespace made one space. Every exact copy is also a
+    near-duplicate (``repeated_turns``), so this count is at most that one."""
+    seen: set[str] = set()
+    copies = 0
+    for question in questions:
+        form = _exact_form(question)
+        copies += form in seen
+        seen.add(form)
+    return copies

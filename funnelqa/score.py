@@ -9,6 +9,11 @@ questions asked, every metric after 1..T questions (paper Fig. 4), the weighted 
 concept (Eq. 11, Fig. 7), and the Spearman correlation between the position at which a tag is
 revealed and its generality (its index in the ranked target list), and the share of asked
 questions that repeat an earlier one of the same interview (funnelqa.repeats).
+
+Beyond the paper: a seeded bootstrap 95 % interval over users for every metric, paired
+differences between systems interviewed on the same users (funnelqa.uncertainty), the questioner's
+behaviour (exact repeats, non-questions, questions about concepts the user has) and, from oracle
+sessions, the simulator's fidelity to the teacher's tags T_i (funnelqa.fidelity).
 """
 
 from __future__ import annotations
@@ -18,11 +23,11 @@ from array import array
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from funnelqa import metrics
+from funnelqa import fidelity, metrics, uncertainty
 from funnelqa.backends import ModelSpec
 from funnelqa.errors import InputError, UsageError
 from funnelqa.records import Record, RecordWriter, check_session, read_records, source_name
-from funnelqa.repeats import repeated_turns
+from funnelqa.fidelity import OracleMap
 
 # The session fields that name a system: one file of sessions is one system when they agree.
 _SYSTEM_FIELDS = ("questioner", "simulator", "profile_form")
@@ -30,6 +35,21 @@ _SYSTEM_FIELDS = ("questioner", "simulator", "profile_form")
 # possible n-grams per order, then reference and translation length.
 _ORDER = metrics.BLEU_MAX_ORDER
 _BLEU_STATS = 2 * _ORDER + 2
+# Per-user columns kept for the bootstrap: the final ROUGE F1s, recall and completeness of each
+# user, then fidelity's counts. Each system metric is a ratio of two of them, summed over users.
+USER_COLUMNS = ("users", "rouge1", "rouge2", "rougeL", "recall", "complete", *fidelity.COUNT_COLUMNS)
+SYSTEM_RATIOS = {
+    "rouge1": ("rouge1", "users"),
+    "rouge2": ("rouge2", "users"),
+    "rougeL": ("rougeL", "users"),
+    "tag_recall": ("recall", "users"),
+    "complete_rate": ("complete", "users"),
+    "questions_asked": ("turns", "users"),
+    "unanswered_rate": ("unanswered", "turns"),
+    "repeat_rate": ("repeated", "asked"),
+    **fidelity.BEHAVIOUR_RATIOS,
+}
+_NEEDS_ORACLE = ("answerable_rate", "unanswered_absent_rate", "unanswered_missed_rate")
 
 
 def profile_text(tags: Sequence[dict]) -> str:
@@ -202,11 +222,20 @@ class SessionScorer:
 
     Per session it keeps only numbers: three ROUGE F1 and a tag recall per question position up
     to the session's length (later positions repeat the last), the first-reveal positions, and
-    additive BLEU counts. ``result()`` gives the numbers, the same as scoring all sessions at once.
+    additive BLEU counts; per user, one float per ``USER_COLUMNS`` and its final BLEU counts, for
+    the bootstrap. ``oracle`` (``fidelity.OracleMap``) decides which questions are about concepts
+    the user has; ``resamples`` (0: none) and ``seed`` drive the bootstrap. ``result()`` gives the
+    numbers, the same as scoring all sessions at once.
     """
 
-    def __init__(self, *, seed: int = 0, rouge_tokenizer: str = "auto"):
+    def __init__(self, *, seed: int = 0, rouge_tokenizer: str = "auto", oracle: OracleMap | None = None,
+                 resamples: int = uncertainty.RESAMPLES):
         self.seed = seed
+        self.oracle = oracle
+        self.resamples = resamples
+        # One row of small numbers per user: what the bootstrap resamples (funnelqa.uncertainty).
+        self.users = uncertainty.UserTable(USER_COLUMNS)
+        self.counts = dict.fromkeys(fidelity.COUNT_COLUMNS, 0.0)
         self.rouge = _SessionRouge(tokenizer=rouge_tokenizer)
         self.questions = self.repeated = 0
         self.sessions = 0
@@ -243,19 +272,26 @@ class SessionScorer:
         self.turns += len(turns)
         self.unanswered += sum(not turn["answered"] for turn in turns)
         self.horizon = max(self.horizon, session.get("max_questions") or 0, len(turns))
-        asked = [turn["question"] for turn in turns if turn["question"].strip()]
-        self.questions += len(asked)
-        self.repeated += repeated_turns(asked)
+        counts = fidelity.session_counts(session, self.oracle)
+        for name, value in counts.items():
+            self.counts[name] += value
+        self.questions += int(counts["asked"])
+        self.repeated += int(counts["repeated"])
         self.rouge.start(target)
         rouge_f1 = self.rouge.f1
         bleu_reference = _bleu_reference(reference)
 
         final = session["elicited"]
-        _add(self.final_bleu, _bleu_stats(profile_text(final), bleu_reference))
-        self.final_rouge.append(rouge_f1(final))
+        final_bleu = _bleu_stats(profile_text(final), bleu_reference)
+        _add(self.final_bleu, final_bleu)
+        final_rouge = rouge_f1(final)
+        self.final_rouge.append(final_rouge)
         recall = tag_recall(final, target)
         self.final_recall.append(recall)
         self.complete += recall == 1.0
+        self.users.add(session["id"], {"users": 1, "rouge1": final_rouge[0], "rouge2": final_rouge[1],
+                                       "rougeL": final_rouge[2], "recall": recall, "complete": recall == 1.0, **counts},
+                       final_bleu)
 
         length = max(1, len(turns))
         self.lengths.append(length)
@@ -317,7 +353,7 @@ class SessionScorer:
         ``funnel_spearman`` {rho, pairs}: Spearman's rho of each tag's first-reveal position against
         its generality (index in the target / (m - 1)), > 0 for a funnel order; ``weighted_rank``
         [{concept, wr, sessions}] sorted by wr (Eq. 11, Fig. 7). Raises UsageError when no session
-        was added.
+        was added. ``analysis()`` has the numbers beyond the paper's.
         """
         if not self.sessions:
             raise UsageError("no sessions to score")
@@ -338,6 +374,53 @@ class SessionScorer:
         rows = [{"concept": name, "wr": wr, "sessions": len(self.concepts[name])} for name, wr in ranks.items()]
         summary["weighted_rank"] = sorted(rows, key=lambda row: (row["wr"], -row["sessions"], row["concept"]))
         return summary
+
+    def analysis(self) -> dict:
+        """The numbers beyond the paper's, all shares in 0-1 (definitions: docs/evaluation.md).
+
+        Questioner behaviour (``fidelity``): ``exact_repeat_rate`` (of asked questions),
+        ``non_question_rate`` (of turns), ``mapped_rate`` (turns whose T_i an oracle decides),
+        ``answerable_rate`` (of mapped turns: T_i names a tag the user has; None when none mapped),
+        ``unanswered_absent_rate``/``unanswered_missed_rate`` (of turns: unanswered and mapped,
+        with T_i naming none/some of the user's tags). ``simulator_fidelity``: None, or for a file
+        with oracle sessions that record T_i ``{sessions, turns, tag_precision, tag_recall, tag_f1,
+        false_no_preference_rate, invented_rate, invented_turn_rate, grounding, counts, ci95}``.
+        With ``resamples`` > 0, ``ci95`` {metric: [low, high] | None} for bleu and every
+        ``SYSTEM_RATIOS`` metric (percentile bootstrap over users, ``uncertainty.intervals``; for
+        ROUGE an interval of the mean F1, beside the ``rouge*_ci95`` of evaluate's aggregator) and
+        ``bootstrap`` {resamples, seed, users}. Raises UsageError when no session was added.
+        """
+        if not self.sessions:
+            raise UsageError("no sessions to score")
+        summary: dict = fidelity.ratios(self.counts, fidelity.BEHAVIOUR_RATIOS)
+        summary["simulator_fidelity"] = self._fidelity()
+        if self.resamples:
+            summary["ci95"] = uncertainty.intervals(self.users, SYSTEM_RATIOS, resamples=self.resamples, seed=self.seed)
+            summary["bootstrap"] = {"resamples": self.resamples, "seed": self.seed, "users": len(self.users)}
+        if not self.counts["mapped"]:
+            # No oracle decided any question: "none absent, none missed" would claim what is unknown.
+            for name in _NEEDS_ORACLE:
+                summary[name] = None
+                if "ci95" in summary:
+                    summary["ci95"][name] = None
+        return summary
+
+    def _fidelity(self) -> dict | None:
+        if not self.counts["f_turns"]:
+            return None
+        counts = {name: self.counts[name] for name in fidelity.FIDELITY_COUNTS}
+        sessions = int(self.users.matrix()[:, self.users.columns.index("f_turns")].astype(bool).sum())
+        result = {"sessions": sessions, "turns": int(counts["f_turns"]), **fidelity.ratios(counts, fidelity.FIDELITY_RATIOS),
+                  "counts": counts}
+        if self.resamples:
+            table = uncertainty.UserTable(fidelity.FIDELITY_COUNTS, with_bleu=False)
+            data = self.users.matrix()
+            columns = [self.users.columns.index(name) for name in fidelity.FIDELITY_COUNTS]
+            for user, row in zip(self.users.ids, data[:, columns].tolist()):
+                if row[0]:  # f_turns: an oracle session
+                    table.add(user, dict(zip(fidelity.FIDELITY_COUNTS, row)))
+            result["ci95"] = uncertainty.intervals(table, fidelity.FIDELITY_RATIOS, resamples=self.resamples, seed=self.seed)
+        return result
 
 
 def score_sessions(sessions: Iterable[Record], *, seed: int = 0) -> dict:
@@ -379,15 +462,22 @@ def system_name(first: Record, source: str, *, mixed: bool = False) -> str:
     return f"{_short_spec(first['questioner'])} / {_short_spec(first['simulator'])} / {first['profile_form']}"
 
 
-def score_file(path: str, *, seed: int = 0, rouge_tokenizer: str = "auto") -> dict:
+def score_file(path: str, *, seed: int = 0, rouge_tokenizer: str = "auto", oracle: OracleMap | None = None,
+               resamples: int = uncertainty.RESAMPLES) -> dict:
     """Score one session file, streaming: memory holds one session plus the numbers kept per session.
 
     Sessions carrying an ``error`` are left out. Returns ``system`` (``system_name``), ``source``,
     ``questioner``, ``simulator``, ``profile_form`` (the first session's), ``sessions`` (how many
-    were scored) and ``SessionScorer.result()``'s fields. Raises InputError for a line that is not
-    a session (``check_session``) or a file with no session left to score.
+    were scored) and ``SessionScorer.result()``'s fields (``oracle`` and ``resamples`` as there).
+    Raises InputError for a line that is not a session (``check_session``) or a file with no
+    session left to score.
     """
-    scorer = SessionScorer(seed=seed, rouge_tokenizer=rouge_tokenizer)
+    return _score_file(path, seed=seed, rouge_tokenizer=rouge_tokenizer, oracle=oracle, resamples=resamples)[0]
+
+
+def _score_file(path: str, *, seed: int, rouge_tokenizer: str, oracle: OracleMap | None,
+                resamples: int) -> tuple[dict, SessionScorer]:
+    scorer = SessionScorer(seed=seed, rouge_tokenizer=rouge_tokenizer, oracle=oracle, resamples=resamples)
     for session in read_records(path, check_session):
         if "error" not in session:
             scorer.add(session)
@@ -403,7 +493,49 @@ def score_file(path: str, *, seed: int = 0, rouge_tokenizer: str = "auto") -> di
         "sessions": scorer.sessions,
     }
     result.update(scorer.result())
-    return result
+    result.update(scorer.analysis())
+    return result, scorer
+
+
+def oracle_map(paths: Sequence[str]) -> OracleMap:
+    """The ``fidelity.OracleMap`` of every oracle session (T_i recorded) in the files ``paths``.
+
+    A file whose first session is not from a reference questioner is not read further; stdin
+    ("-") is skipped, as it cannot be read a second time. Raises InputError as ``read_records``.
+    """
+    mapping = OracleMap()
+    for path in paths:
+        if str(path) == "-":
+            continue
+        for session in read_records(path, check_session):
+            if session.get("questioner") not in fidelity.ORACLE_QUESTIONERS:
+                break
+            if "error" not in session:
+                mapping.add(session)
+    return mapping
+
+
+def compare_systems(results: Sequence[dict], tables: Sequence[uncertainty.UserTable], *,
+                    resamples: int = uncertainty.RESAMPLES, seed: int = 0) -> list[dict]:
+    """One record per pair of results that share users, in argument order (A before B):
+    ``{"a": system, "a_source": file, "b": ..., "b_source": ..., "users": n, "diff": {metric:
+    {value, ci95, p, significant}}}``, A minus B on the users both interviewed
+    (``uncertainty.paired``, each pair resampled once, seeded). ``tables[i]`` is ``results[i]``'s
+    per-user table."""
+    pairs = []
+    for i in range(len(results)):
+        for j in range(i + 1, len(results)):
+            comparison = uncertainty.paired(tables[i], tables[j], SYSTEM_RATIOS, resamples=resamples, seed=seed)
+            if comparison is not None:
+                pairs.append({"a": results[i]["system"], "a_source": results[i]["source"],
+                              "b": results[j]["system"], "b_source": results[j]["source"], **comparison})
+    return pairs
+
+
+def pairs_path(out: Path) -> Path:
+    """Where ``score --out FILE`` writes its paired differences: FILE's name with ``.pairs`` before
+    the suffix (``scores.jsonl`` -> ``scores.pairs.jsonl``), beside it."""
+    return out.with_name(f"{out.stem}.pairs{out.suffix or '.jsonl'}")
 
 
 def _unique_names(results: list[dict]) -> None:
@@ -413,9 +545,11 @@ def _unique_names(results: list[dict]) -> None:
             result["system"] = f"{result['system']} [{Path(result['source']).stem}]"
 
 
-def print_table(results: Sequence[dict]) -> None:
+def print_table(results: Sequence[dict], pairs: Sequence[dict] = ()) -> None:
     """The comparison table on stderr: per result n, BLEU, ROUGE-1/2/L, recall, unanswered and
-    repeat rates, questions asked and Spearman rho (3 decimals, "-" for None), then a legend."""
+    repeat rates, questions asked and Spearman rho (3 decimals, "-" for None), then a legend; then
+    the questioner-behaviour table, the ``pairs`` (``compare_systems``; * = significant) and one
+    simulator-fidelity row per simulator."""
     from rich import box
     from rich.console import Console
     from rich.table import Table
@@ -449,15 +583,97 @@ def print_table(results: Sequence[dict]) -> None:
     console.print(table)
     console.print("recall: share of target tags revealed; unansw.: share of questions answered 'No preference'; "
                  "repeat: share of questions repeating an earlier one; asked: questions per user; rho: Spearman(reveal position, tag generality), > 0 = funnel order")
+    _print_behaviour(console, results)
+    _print_pairs(console, pairs)
+    _print_fidelity(console, results)
+
+
+# The metrics the paired-difference table shows (all are in the JSON).
+PAIR_COLUMNS = (("bleu", "BLEU"), ("rougeL", "R-L"), ("tag_recall", "recall"), ("unanswered_rate", "unansw."),
+                ("repeat_rate", "repeat"))
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _new_table(title: str, columns: Sequence[str]):
+    from rich import box
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1))
+    table.add_column(columns[0], overflow="fold")
+    for column in columns[1:]:
+        table.add_column(column, justify="right", no_wrap=True)
+    return table
+
+
+def _print_behaviour(console, results: Sequence[dict]) -> None:
+    table = _new_table("questioner behaviour", ("system", "repeat", "exact", "non-q", "mapped", "answerable",
+                                                 "unansw. absent", "unansw. missed"))
+    for result in results:
+        table.add_row(result["system"], *(_fmt(result.get(key)) for key in (
+            "repeat_rate", "exact_repeat_rate", "non_question_rate", "mapped_rate", "answerable_rate",
+            "unanswered_absent_rate", "unanswered_missed_rate")))
+    console.print(table)
+    console.print("exact: share of questions copying an earlier one; non-q: turns without a question mark; mapped: turns "
+                  "whose teacher tags T_i an oracle session decides; answerable: mapped turns about a tag the user has; "
+                  "unansw. absent/missed: turns unanswered with T_i naming none / some of the user's tags")
+
+
+def _print_pairs(console, pairs: Sequence[dict]) -> None:
+    if not pairs:
+        return
+    table = _new_table("paired differences (A - B, same users; * p < 0.05)", ("A - B", "users", *(label for _, label in PAIR_COLUMNS)))
+    for entry in pairs:
+        cells = []
+        for key, _ in PAIR_COLUMNS:
+            row = entry["diff"].get(key)
+            if row is None or row["value"] is None:
+                cells.append("-")
+            else:
+                cells.append(f"{row['value']:+.3f}{'*' if row['significant'] else ' '}")
+        table.add_row(f"{entry['a']}  -  {entry['b']}", str(entry["users"]), *cells)
+    console.print(table)
+
+
+def fidelity_by_simulator(results: Sequence[dict]) -> dict[str, dict]:
+    """{simulator spec: ``fidelity.pool_fidelity`` of every result with a ``simulator_fidelity``
+    and that simulator}, in first-seen order: one row per simulator, over all its oracle files."""
+    groups: dict[str, list[dict]] = {}
+    for result in results:
+        if result.get("simulator_fidelity"):
+            groups.setdefault(str(result.get("simulator")), []).append(result["simulator_fidelity"])
+    return {simulator: fidelity.pool_fidelity(rows) for simulator, rows in groups.items()}
+
+
+def _print_fidelity(console, results: Sequence[dict]) -> None:
+    pooled = fidelity_by_simulator(results)
+    if not pooled:
+        return
+    table = _new_table("simulator fidelity (oracle sessions, against the teacher's T_i)",
+                       ("simulator", "sessions", "turns", "P", "R", "F1", "false NP", "invented", "grounding"))
+    for simulator, row in pooled.items():
+        table.add_row(_short_spec(simulator), str(row["sessions"]), str(row["turns"]), *(_fmt(row[key]) for key in (
+            "tag_precision", "tag_recall", "tag_f1", "false_no_preference_rate", "invented_rate", "grounding")))
+    console.print(table)
+    console.print("false NP: turns with T_i non-empty that revealed nothing; invented: revealed tags not in T_i; "
+                  "grounding: share of an answer's content words found in its revealed tags' contents")
 
 
 def score_files(
     paths: Sequence[str], *, plots_dir: Path | None = None, out: Path | None = None, seed: int = 0,
-    rouge_tokenizer: str = "auto",
+    rouge_tokenizer: str = "auto", resamples: int = uncertainty.RESAMPLES, pairs_out: Path | None = None,
 ) -> list[dict]:
-    """`funnelqa score`: one result per session file, a table on stderr, JSONL on stdout or ``out``.
+    """`funnelqa score`: one result per session file, tables on stderr, JSONL on stdout or ``out``.
 
     ``rouge_tokenizer``: see ``metrics.RougeCache``; each result names the one that scored it.
+    ``resamples`` bootstrap resamples (seeded by ``seed``) give every result ``ci95`` and the
+    paired differences between files that share users (``compare_systems``), written as JSONL to
+    ``pairs_out``, else with ``out`` to ``pairs_path(out)``, and shown on stderr; 0 leaves both
+    out. A system's line stays one line per file, comparable on its own. Oracle files are read
+    once more first, for the ``fidelity.OracleMap`` that maps every file's questions to T_i.
+    Raises UsageError for bad options, InputError for a bad file.
     """
     if not paths:
         raise UsageError("give at least one session file")
@@ -465,13 +681,23 @@ def score_files(
         raise UsageError("stdin ('-') can be given once")
     if rouge_tokenizer not in metrics.ROUGE_TOKENIZERS:
         raise UsageError(f"unknown ROUGE tokenizer {rouge_tokenizer!r}; use one of {', '.join(metrics.ROUGE_TOKENIZERS)}")
+    if resamples < 0:
+        raise UsageError("--bootstrap must be 0 (no intervals) or more")
+    mapping = oracle_map(paths)
     # No ROUGE cache shared across files: it would keep every pair of every file in memory.
-    results = [score_file(path, seed=seed, rouge_tokenizer=rouge_tokenizer) for path in paths]
+    scored = [_score_file(path, seed=seed, rouge_tokenizer=rouge_tokenizer, oracle=mapping if len(mapping) else None,
+                          resamples=resamples) for path in paths]
+    results = [result for result, _ in scored]
     _unique_names(results)
-    print_table(results)
+    pairs = compare_systems(results, [scorer.users for _, scorer in scored], resamples=resamples, seed=seed) if resamples else []
+    print_table(results, pairs)
     # Scores take seconds to recompute: a re-run starts over rather than resuming.
     with RecordWriter(Path(out) if out is not None else None, resume=False) as writer:
         writer.write_many(results)
+    target = Path(pairs_out) if pairs_out is not None else (pairs_path(Path(out)) if out is not None else None)
+    if target is not None and resamples:
+        with RecordWriter(target, resume=False) as writer:
+            writer.write_many(pairs)
     if plots_dir is not None:
         from funnelqa.console import stderr
         from funnelqa.plots import write_plots
