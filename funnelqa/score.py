@@ -23,6 +23,8 @@ from array import array
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from rich.markup import escape
+
 from funnelqa import fidelity, metrics, uncertainty
 from funnelqa.backends import ModelSpec
 from funnelqa.errors import InputError, UsageError
@@ -566,7 +568,7 @@ def print_table(results: Sequence[dict], pairs: Sequence[dict] = ()) -> None:
 
     for result in results:
         table.add_row(
-            result["system"],
+            escape(result["system"]),
             str(result["sessions"]),
             fmt(result["bleu"]),
             fmt(result["rouge1"]),
@@ -612,7 +614,7 @@ def _print_behaviour(console, results: Sequence[dict]) -> None:
     table = _new_table("questioner behaviour", ("system", "repeat", "exact", "non-q", "mapped", "answerable",
                                                  "unansw. absent", "unansw. missed"))
     for result in results:
-        table.add_row(result["system"], *(_fmt(result.get(key)) for key in (
+        table.add_row(escape(result["system"]), *(_fmt(result.get(key)) for key in (
             "repeat_rate", "exact_repeat_rate", "non_question_rate", "mapped_rate", "answerable_rate",
             "unanswered_absent_rate", "unanswered_missed_rate")))
     console.print(table)
@@ -633,7 +635,7 @@ def _print_pairs(console, pairs: Sequence[dict]) -> None:
                 cells.append("-")
             else:
                 cells.append(f"{row['value']:+.3f}{'*' if row['significant'] else ' '}")
-        table.add_row(f"{entry['a']}  -  {entry['b']}", str(entry["users"]), *cells)
+        table.add_row(escape(f"{entry['a']}  -  {entry['b']}"), str(entry["users"]), *cells)
     console.print(table)
 
 
@@ -654,7 +656,7 @@ def _print_fidelity(console, results: Sequence[dict]) -> None:
     table = _new_table("simulator fidelity (oracle sessions, against the teacher's T_i)",
                        ("simulator", "sessions", "turns", "P", "R", "F1", "false NP", "invented", "grounding"))
     for simulator, row in pooled.items():
-        table.add_row(_short_spec(simulator), str(row["sessions"]), str(row["turns"]), *(_fmt(row[key]) for key in (
+        table.add_row(escape(_short_spec(simulator)), str(row["sessions"]), str(row["turns"]), *(_fmt(row[key]) for key in (
             "tag_precision", "tag_recall", "tag_f1", "false_no_preference_rate", "invented_rate", "grounding")))
     console.print(table)
     console.print("false NP: turns with T_i non-empty that revealed nothing; invented: revealed tags not in T_i; "
