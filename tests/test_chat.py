@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shlex
+import signal
 from pathlib import Path
 
 import pexpect
@@ -109,6 +110,9 @@ class Person:
         self.child = pexpect.spawn(
             command[0], command[1:], cwd=str(cwd), encoding="utf-8", timeout=PTY_TIMEOUT, dimensions=(50, 200),
             env={**os.environ, "TERM": "xterm-256color", "COLUMNS": "200"},
+            # A terminal's own process gets Ctrl-C; a test suite started in the background by a
+            # shell inherits SIGINT ignored, and Python then never raises KeyboardInterrupt.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         self.child.logfile_read = self.log
         self.seen = 0
