@@ -27,7 +27,7 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(FQA) experiment experiments/demo.toml
 
-# The paper's experiment on the real MovieLens data: small CPU configuration (< 1 hour on 2 cores)
+# The paper's experiment on the real MovieLens data: small CPU configuration (about 95 minutes on 2 cores)
 # and the full one for a GPU (several GPUs: see docs/training.md for accelerate).
 paper: setup
 	$(FQA) experiment experiments/paper-cpu.toml
