@@ -145,10 +145,11 @@ def is_done(stage: Stage) -> bool:
 def core_slots(jobs: int) -> list[set[int] | None]:
     """The CPU cores each of ``jobs`` concurrent stages may use: disjoint, as equal as possible.
 
-    On a small CPU machine two stages with one core each train or decode about 1.2x faster in
-    total than one stage after another on two cores (docs/training.md: 2 threads give 1.6x one
-    thread, not 2x), and OpenMP threads of two processes sharing cores stall each other. With
-    one job, or more jobs than cores, nothing is pinned.
+    Pinned, because OpenMP threads of two processes sharing cores stall each other. Whether two
+    one-core stages beat one two-core stage depends on the machine: on an idle 2-core CPU one
+    thread trains at 0.62 of two (so up to 1.24x), but the make paper run beside other work gained
+    nothing (docs/training.md, "Stages at once"). With one job, or more jobs than cores, nothing
+    is pinned.
     """
     try:
         cores = sorted(os.sched_getaffinity(0))
