@@ -25,10 +25,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from funnelqa import parsing
+from funnelqa.questioners import REFERENCE_QUESTIONERS
 from funnelqa.records import Record
 from funnelqa.repeats import exact_repeated_turns, is_repeat, question_words, repeated_turns
 
-ORACLE_QUESTIONERS = ("oracle", "oracle-shuffled")
 # Per-user count columns that ``session_counts`` fills, one float each (see ``uncertainty.UserTable``).
 COUNT_COLUMNS = (
     "turns", "unanswered", "asked", "repeated", "exact_repeated", "non_question", "mapped", "answerable",
@@ -54,8 +54,8 @@ FIDELITY_RATIOS = {
     "invented_turn_rate": ("f_invented_turns", "f_answered"),
     "grounding": ("f_grounding", "f_grounded"),
 }
-FIDELITY_COUNTS = ("f_turns", "f_tp", "f_tp2", "f_revealed", "f_expected", "f_pair", "f_expected_turns",
-                   "f_false_np", "f_invented", "f_answered", "f_invented_turns", "f_grounding", "f_grounded")
+# The simulator-fidelity counts among them (prefix f_): kept per simulator, not per system.
+FIDELITY_COUNTS = tuple(name for name in COUNT_COLUMNS if name.startswith("f_"))
 
 
 def content_words(text: str) -> set[str]:
@@ -72,7 +72,7 @@ def is_question(text: str) -> bool:
 def is_oracle_session(session: Record) -> bool:
     """Whether ``session`` comes from a reference questioner and records T_i (``expected_tags``) on
     every turn: the sessions fidelity is computed from."""
-    return session.get("questioner") in ORACLE_QUESTIONERS and bool(session["turns"]) and all(
+    return session.get("questioner") in REFERENCE_QUESTIONERS and bool(session["turns"]) and all(
         "expected_tags" in turn for turn in session["turns"])
 
 

@@ -28,6 +28,7 @@ from rich.markup import escape
 from funnelqa import fidelity, metrics, uncertainty
 from funnelqa.backends import ModelSpec
 from funnelqa.errors import InputError, UsageError
+from funnelqa.questioners import REFERENCE_QUESTIONERS
 from funnelqa.records import Record, RecordWriter, check_session, read_records, source_name
 from funnelqa.fidelity import OracleMap
 
@@ -510,7 +511,7 @@ def oracle_map(paths: Sequence[str]) -> OracleMap:
         if str(path) == "-":
             continue
         for session in read_records(path, check_session):
-            if session.get("questioner") not in fidelity.ORACLE_QUESTIONERS:
+            if session.get("questioner") not in REFERENCE_QUESTIONERS:
                 break
             if "error" not in session:
                 mapping.add(session)
