@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+from funnelqa.experiment import Stage
+
 from tests.conftest import EXAMPLES, run_cli
 from tests.tiny import make_tiny_model
 
@@ -48,21 +50,22 @@ max_questions = 2
 
 
 
-class ScriptStage:
-    """A stage that runs a few lines of Python instead of a funnelqa command."""
+class ScriptStage(Stage):
+    """A stage that runs a few lines of Python instead of a funnelqa command: it fails if an input
+    is not there yet, and exits 3 when told to ``fail``."""
 
-    def __new__(cls, name, tmp_path, inputs=(), fail=False):
-        from funnelqa.experiment import Stage
+    def __init__(self, name, tmp_path, inputs=(), fail=False):
+        super().__init__(name, ["--script", name], tmp_path / f"{name}.txt", list(inputs))
+        self.fail = fail
 
-        out = tmp_path / f"{name}.txt"
+    @property
+    def argv(self):
         code = (f"import sys, pathlib\n"
-                f"for path in {[str(p) for p in inputs]!r}:\n"
+                f"for path in {[str(p) for p in self.inputs]!r}:\n"
                 f"    assert pathlib.Path(path).exists(), path + ' is not there yet'\n"
-                f"{'sys.exit(3)' if fail else ''}\n"
-                f"pathlib.Path({str(out)!r}).write_text('ok')\n")
-        stage = Stage(name, ["--script", name], out, list(inputs))
-        stage.__class__ = type("Scripted", (Stage,), {"argv": property(lambda self: [sys.executable, "-c", code])})
-        return stage
+                f"{'sys.exit(3)' if self.fail else ''}\n"
+                f"pathlib.Path({str(self.output)!r}).write_text('ok')\n")
+        return [sys.executable, "-c", code]
 
 
 def test_stages_run_at_once_each_after_its_inputs_and_a_failure_keeps_the_finished(tmp_path):
