@@ -32,6 +32,7 @@ from rich.markup import escape
 from funnelqa.console import stderr
 from funnelqa.errors import FunnelQAError, UsageError
 from funnelqa.redact import redact
+from funnelqa.render import PROFILE_FORMS
 
 
 @dataclass
@@ -287,10 +288,11 @@ def interview_label(questioner: str, simulator: str, form: str | None) -> str:
 
 
 def run_experiment(config_path: str | os.PathLike, root: str | os.PathLike | None = None,
-                   jobs: int | None = None) -> Path:
+                   jobs: int | None = None, forms: list[str] | None = None) -> Path:
     """Run the experiment of ``config_path`` into ``root`` (default runs/<name>) and write its
-    report; ``jobs`` (default: the config's ``jobs``, else 1) stages run at once. Returns the
-    report's path. Raises UsageError for a bad config, FunnelQAError when a stage fails."""
+    report; ``jobs`` (default: the config's ``jobs``, else 1) stages run at once; ``forms``
+    (default: the config's ``forms``) are the questioner's profile forms to train and interview.
+    Returns the report's path. Raises UsageError for a bad config, FunnelQAError when a stage fails."""
     config = load_config(config_path)
     exp = Experiment(Path(config_path), config, Path(root or Path("runs") / config.get("name", Path(config_path).stem)))
     jobs = jobs or config.get("jobs", 1)
@@ -309,7 +311,10 @@ def run_experiment(config_path: str | os.PathLike, root: str | os.PathLike | Non
     dev = ["--eval-fraction", str(config.get("split", {}).get("dev_fraction", 0.1))]
 
     train_options = config.get("train", {})
-    forms = config.get("forms", ["qa", "answers"])
+    forms = forms or config.get("forms", ["qa", "answers"])
+    if unknown := [form for form in forms if form not in PROFILE_FORMS]:
+        raise UsageError(f"{config_path}: unknown profile form(s) {', '.join(map(repr, unknown))}; "
+                         f"use {', '.join(PROFILE_FORMS)}")
     # The simulator first: it trains longest (it reads each user's whole profile), so with
     # several jobs the questioners train beside it rather than after it.
     simulator_dir = exp.root / "simulator"

@@ -20,6 +20,7 @@ name = "tiny"
 forward = "{EXAMPLES / 'forward.jsonl'}"
 base = "hf:{model}"
 forms = ["qa"]
+grid = ["qa"]
 plots = "{tmp_path / 'plots'}"
 [split]
 max_users = 8
@@ -47,6 +48,18 @@ max_questions = 2
     assert second.returncode == 0, second.stderr
     assert second.stderr.count("done before, skipped") == 10  # corrupt, 2 trainings, 6 simulations, score
     assert "| train-simulator | cached |" in (root / "report.md").read_text()
+
+    # Adding a profile form to a finished run trains and interviews only that form (make paper-ablation).
+    third = run_cli("experiment", config, "--root", root, "--forms", "qa,answers")
+    assert third.returncode == 0, third.stderr
+    assert third.stderr.count("done before, skipped") == 9
+    report = (root / "report.md").read_text()
+    assert "| fine-tuned questioner / fine-tuned simulator [answers] | 2 |" in report
+    assert "base questioner / base simulator [answers]" not in report
+
+    wrong = run_cli("experiment", config, "--root", root, "--forms", "qa,dialogue")
+    assert wrong.returncode != 0
+    assert "unknown profile form(s) 'dialogue'" in wrong.stderr
 
 
 

@@ -19,6 +19,10 @@ def register(app: typer.Typer) -> None:
         jobs: Optional[int] = typer.Option(None, "--jobs", min=1,
                                            help="Stages run at once, each on its own share of the CPU cores "
                                                 "(default: the config's `jobs`, else 1)."),
+        forms: Optional[str] = typer.Option(None, "--forms",
+                                            help="Profile forms of the questioner, comma-separated, e.g. qa,answers "
+                                                 "(default: the config's `forms`). Finished stages are reused, so "
+                                                 "adding a form to a finished run trains and interviews only it."),
     ) -> None:
         """Split users, corrupt, train both models, simulate the 2x2 plus oracles, score and plot.
 
@@ -27,4 +31,5 @@ def register(app: typer.Typer) -> None:
         """
         from funnelqa.experiment import run_experiment
 
-        common.run(lambda: run_experiment(config, root, jobs))
+        chosen = [form.strip() for form in forms.split(",") if form.strip()] if forms else None
+        common.run(lambda: run_experiment(config, root, jobs, chosen))
