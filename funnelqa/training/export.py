@@ -18,8 +18,8 @@ not 0 honours it (examples/train_with_trl.py). Chat templates ignore keys they d
 the weight changes no rendered text.
 
 The other top-level fields, ``id`` (user), ``role``, ``profile_form``, ``layout`` and ``step``
-(``steps`` layout), are for people and scripts: trl drops columns its model does not take, and
-OpenAI's upload wants ``messages`` alone (``jq -c '{messages}'``).
+(``steps`` layout), are for people and scripts: trl drops columns its model does not take; for
+OpenAI's upload, keep ``messages`` alone (``jq -c '{messages}'``).
 """
 
 from __future__ import annotations
