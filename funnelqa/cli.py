@@ -10,14 +10,15 @@ from __future__ import annotations
 import typer
 
 from funnelqa import __version__
-from funnelqa.commands import chat, corrupt, experiment, forward, score, simulate, train
+from funnelqa.commands import chat, corrupt, experiment, export, forward, score, simulate, train
 
 app = typer.Typer(
     name="funnelqa",
     help=(
         "Teach language models to ask good clarifying questions.\n\n"
         "Pipeline: structure | rank | generate-questions > forward.jsonl; corrupt; "
-        "train-questioner / train-simulator; simulate; score; or all of it with experiment; chat puts a person in an "
+        "train-questioner / train-simulator (or export for another trainer); simulate; score; or all of it with experiment; "
+        "chat puts a person in an "
         "interview. Every stage reads JSONL from a "
         "path or '-' and writes JSONL to stdout (or --out)."
     ),
@@ -27,7 +28,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-for module in (forward, corrupt, train, simulate, chat, score, experiment):
+for module in (forward, corrupt, train, export, simulate, chat, score, experiment):
     module.register(app)
 
 

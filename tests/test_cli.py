@@ -9,7 +9,7 @@ from funnelqa import records
 from tests.conftest import EXAMPLES, REPO, funnelqa_executable, run_cli
 from tests.forward_script import forward_rules
 
-COMMANDS = ["structure", "rank", "generate-questions", "corrupt", "train-questioner", "train-simulator", "simulate", "chat", "score"]
+COMMANDS = ["structure", "rank", "generate-questions", "corrupt", "train-questioner", "train-simulator", "export", "simulate", "chat", "score"]
 
 RECORDS = [
     {

@@ -85,6 +85,15 @@ def render_example(record: Record, role: str, profile_form: str | None) -> tuple
     )
 
 
+def step_chat(record: Record, role: str, profile_form: str | None) -> tuple[list[dict[str, str]], list[int]]:
+    """One per-step example as the ``steps`` layout trains it: (the prompt of ``render_example``
+    followed by its target as the last assistant message, [the index of that message]). Earlier
+    assistant messages (the ``qa`` form's past questions) are context, without loss."""
+    messages, target = render_example(record, role, profile_form)
+    messages = [*messages, {"role": "assistant", "content": target}]
+    return messages, [len(messages) - 1]
+
+
 # ---- reading ----
 
 @dataclass
@@ -182,6 +191,18 @@ def default_layout(role: str, profile_form: str | None) -> str:
     return "steps" if role == "questioner" and profile_form == "answers" else "conversation"
 
 
+def resolve_layout(role: str, profile_form: str | None, layout: str) -> str:
+    """``layout`` (``auto``, ``conversation`` or ``steps``) with ``auto`` made ``default_layout``.
+    Raises UsageError for ``conversation`` with the questioner's ``answers`` form."""
+    if layout == "auto":
+        return default_layout(role, profile_form)
+    if layout not in ("conversation", "steps"):
+        raise UsageError(f"unknown layout {layout!r}; use auto, conversation or steps")
+    if layout == "conversation" and role == "questioner" and profile_form == "answers":
+        raise UsageError("--layout conversation needs --profile-form qa: the 'answers' prompts are not one conversation")
+    return layout
+
+
 @dataclass
 class Conversation:
     """One user's interview rebuilt from corrupt's per-step records, as funnelqa.render chats it.
@@ -277,6 +298,14 @@ def simulator_conversations(examples: Sequence[Record], seed: int) -> tuple[list
     return conversations, inconsistent
 
 
+def conversations_of(data: ExampleSet, role: str, seed: int) -> tuple[list[Conversation], list[str]]:
+    """(``role``'s conversations of ``data``, users left out): ``questioner_conversations`` with
+    the user's unanswerable questions, or ``simulator_conversations``; ``seed`` places the inserted turns."""
+    if role == "questioner":
+        return questioner_conversations(data.examples, data.negatives, seed)
+    return simulator_conversations(data.examples, seed)
+
+
 # ---- tokenization ----
 
 @dataclass(frozen=True)
@@ -335,9 +364,9 @@ def encode_steps(tokenizer: Any, examples: Sequence[Record], role: str, profile_
     stats = EncodeStats(layout="steps")
     encoded: list[Encoded] = []
     for record in examples:
-        messages, target = render_example(record, role, profile_form)
-        chat = encode_chat(tokenizer, [*messages, {"role": "assistant", "content": target}], generation_prompt=False)
-        (start, end), = chat.targets[-1:]
+        messages, targets = step_chat(record, role, profile_form)
+        chat = encode_chat(tokenizer, messages, generation_prompt=False, targets=targets)
+        (start, end), = chat.targets
         if end - start >= max_length:
             stats.dropped_too_long += 1
             continue
@@ -394,13 +423,8 @@ def encode_conversations(tokenizer: Any, conversations: Sequence[Conversation], 
 def encode_examples(tokenizer: Any, data: ExampleSet, role: str, profile_form: str | None, max_length: int,
                     layout: str, seed: int = 0) -> tuple[list[Encoded], EncodeStats]:
     """Tokenize ``data`` in ``layout`` (see the module docstring)."""
-    if layout == "steps":
+    if resolve_layout(role, profile_form, layout) == "steps":
         return encode_steps(tokenizer, data.examples, role, profile_form, max_length)
-    if role == "questioner" and profile_form != "qa":
-        raise UsageError("--layout conversation needs --profile-form qa: the 'answers' prompts are not one conversation")
     stats = EncodeStats(layout="conversation")
-    if role == "questioner":
-        conversations, stats.incomplete_users = questioner_conversations(data.examples, data.negatives, seed)
-    else:
-        conversations, stats.incomplete_users = simulator_conversations(data.examples, seed)
+    conversations, stats.incomplete_users = conversations_of(data, role, seed)
     return encode_conversations(tokenizer, conversations, max_length, stats), stats
