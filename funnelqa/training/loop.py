@@ -23,6 +23,7 @@ from typing import Any
 from funnelqa import __version__
 from funnelqa.errors import UsageError
 from funnelqa.records import write_json_atomic
+from funnelqa.serving import serving_card
 from funnelqa.training.batching import StepPlan, collate, length_grouped_batches, target_loss_sum
 from funnelqa.training.checkpoint import latest_checkpoint, load_checkpoint, read_state, save_checkpoint
 from funnelqa.training.config import TrainConfig
@@ -394,6 +395,7 @@ class Trainer:
             "base": config.base,
             "base_path": str(self.base_path),
             "profile_form": config.profile_form,
+            "serving": serving_card(config.out, config.role),
             "data": {"source": self.data.source, "sha256": self.data.sha256},
             "layout": self.layout,
             "examples": {
