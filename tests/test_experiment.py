@@ -93,14 +93,22 @@ def test_stages_run_at_once_each_after_its_inputs_and_a_failure_keeps_the_finish
     assert sorted(run.name for run in exp.stages if not run.cached) == ["alone", "first", "then"]
     assert (tmp_path / "logs" / "then.log").exists()
 
+    # `fresh` runs beside `broken` and finishes whichever ends first; what needs `broken` never starts.
     exp = Experiment(tmp_path / "x.toml", {}, tmp_path)
     broken = ScriptStage("broken", tmp_path, fail=True)
     after_broken = ScriptStage("after-broken", tmp_path, inputs=[broken.output])
     fresh = ScriptStage("fresh", tmp_path)
     with pytest.raises(FunnelQAError, match=r"stage broken failed \(exit 3\); its log: .*broken\.log"):
-        run_stages(exp, [broken, after_broken, fresh, first], jobs=2)
+        run_stages(exp, [broken, after_broken, fresh], jobs=2)
     assert (tmp_path / "fresh.txt").exists() and not (tmp_path / "after-broken.txt").exists()
-    assert [run.name for run in exp.stages] == ["fresh"]  # nothing new starts after a failure
+    assert [run.name for run in exp.stages] == ["fresh"]
+
+    # Nothing new starts after a failure, not even a stage that needs nothing from the failed one.
+    exp = Experiment(tmp_path / "x.toml", {}, tmp_path)
+    queued = ScriptStage("queued", tmp_path)
+    with pytest.raises(FunnelQAError, match="stage broken failed"):
+        run_stages(exp, [broken, queued], jobs=1)
+    assert exp.stages == [] and not (tmp_path / "queued.txt").exists()
 
 
 def test_a_rerun_skips_a_chain_of_finished_stages_at_any_jobs(tmp_path):
