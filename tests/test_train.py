@@ -517,6 +517,25 @@ def test_two_launched_processes_train_the_adapter_of_one_process_accumulating(ti
     assert_same_adapter(tmp_path / "ddp", reference)
 
 
+def test_the_shipped_accelerate_configs_are_what_their_names_say():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    loaded = {path.stem: load_config_from_file(str(path)) for path in sorted(CPU_2PROC.parent.glob("*.yaml"))}
+    assert {name: (c.distributed_type.value, c.num_processes) for name, c in loaded.items()} == {
+        "cpu-2proc": ("MULTI_GPU", 2), "multi-gpu-ddp": ("MULTI_GPU", 2), "one-gpu": ("NO", 1),
+    }
+
+
+def test_sharded_training_is_refused(tiny, examples, tmp_path, monkeypatch):
+    """FSDP cannot form on a CPU, so accelerate is made to report it."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+
+    monkeypatch.setattr(Accelerator, "distributed_type", property(lambda self: DistributedType.FSDP))
+    with pytest.raises(UsageError, match="FSDP is not supported.*multi-gpu-ddp.yaml"):
+        Trainer(config(tiny, tmp_path / "q"), examples)
+
+
 def test_a_checkpoint_resumes_on_another_process_count_that_keeps_the_global_batch(tiny, examples, accumulated, tmp_path):
     reference, _ = accumulated
 
@@ -635,6 +654,13 @@ def test_a_resumed_run_may_change_only_what_changes_no_step(tmp_path):
                           gradient_checkpointing=True)
     assert changed.resume_mismatches(saved) == []
     assert TrainConfig(role="questioner", out=tmp_path, seed=1).resume_mismatches(saved) == ["seed: checkpoint has 0, now 1"]
+    # --grad-accum may change with the number of processes, as long as each step keeps its micro-batches.
+    two = TrainConfig(role="questioner", out=tmp_path, grad_accum=2).options()
+    assert TrainConfig(role="questioner", out=tmp_path, grad_accum=1).resume_mismatches(two, 1, 2) == []
+    assert TrainConfig(role="questioner", out=tmp_path, grad_accum=4).resume_mismatches(two, 2, 1) == []
+    assert TrainConfig(role="questioner", out=tmp_path, grad_accum=2).resume_mismatches(two, 1, 2) == [
+        "grad_accum x processes: checkpoint has 2 x 1 = 2, now 2 x 2 = 4"
+    ]
 
 
 def test_gradient_checkpointing_recomputes_the_same_gradients(tiny, examples, tmp_path):

@@ -170,7 +170,7 @@ class Trainer:
     def __init__(self, config: TrainConfig, source: str | Path):
         import torch
         from accelerate import Accelerator
-        from accelerate.utils import set_seed
+        from accelerate.utils import DistributedType, set_seed
 
         from funnelqa.console import stderr
         from funnelqa.models import load_causal_lm, resolve_base
@@ -188,6 +188,13 @@ class Trainer:
             cpu=not torch.cuda.is_available(), mixed_precision="bf16" if self.precision == "bf16" else "no"
         )
         self.is_main = accelerator.is_main_process
+        if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
+            # Sharded weights would need gathering to evaluate, checkpoint and save; LoRA on the
+            # small bases funnelqa trains fits every GPU whole, so data parallel is enough.
+            raise UsageError(
+                f"accelerate's {accelerator.distributed_type.value} is not supported: the trainer keeps a whole "
+                "model on each process; launch data parallel (configs/accelerate/multi-gpu-ddp.yaml)"
+            )
         launched = int(os.environ.get("WORLD_SIZE", "1"))
         if launched != accelerator.num_processes:
             raise UsageError(
