@@ -106,8 +106,8 @@ class TrainConfig:
     max_grad_norm: float = option(1.0, help="Clip gradients to this norm (0: no clipping).", min=0.0)
     batch_size: int = option(8, help="Examples per micro-batch on each process.", min=1)
     grad_accum: int = option(
-        1, help="Micro-batches per optimizer step (effective batch = batch-size x grad-accum x processes).", min=1,
-        per_process=True,
+        1, help="Micro-batches per optimizer step on each process (effective batch = batch-size x grad-accum x processes).",
+        min=1, per_process=True,
     )
     epochs: int = option(3, help="Passes over the training examples (ignored when --max-steps is given).", min=1)
     max_steps: int | None = option(None, help="Stop after this many optimizer steps (overrides --epochs).", min=1)
