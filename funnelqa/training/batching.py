@@ -66,13 +66,28 @@ class StepPlan:
         """Optimizer steps per epoch, rounded up (``step_batches`` wraps around to fill the last)."""
         return math.ceil(self.micro_batches_per_epoch / self.micro_batches_per_step)
 
-    def step_batches(self, epoch_batches: list[list[int]], step_in_epoch: int, process_index: int) -> list[list[int]]:
-        """The ``grad_accum`` micro-batches one process runs for one step. The epoch's list is
-        extended by wrapping around, so every process runs the same number of micro-batches."""
+    def step_batches(
+        self, epoch_batches: list[list[int]], step_in_epoch: int, process_index: int
+    ) -> list[tuple[int, list[int]]]:
+        """The ``grad_accum`` micro-batches one process runs for one step, each as (its place among
+        the step's ``micro_batches_per_step``, its example indices). The epoch's list is extended by
+        wrapping around, so every process runs the same number of micro-batches."""
         per_step = self.micro_batches_per_step
         start = step_in_epoch * per_step
-        picked = [epoch_batches[(start + i) % len(epoch_batches)] for i in range(per_step)]
-        return picked[process_index::self.num_processes]
+        return [
+            (place, epoch_batches[(start + place) % len(epoch_batches)])
+            for place in range(process_index, per_step, self.num_processes)
+        ]
+
+
+def dropout_seed(seed: int, step: int, place: int) -> int:
+    """The torch seed for the dropout of micro-batch ``place`` of optimizer step ``step``.
+
+    A function of the micro-batch, not of the process that runs it: N processes draw the same masks
+    as one process accumulating N times as many micro-batches, and a resumed run, on any number of
+    processes, needs no saved random state.
+    """
+    return random.Random(f"dropout:{seed}:{step}:{place}").getrandbits(63)
 
 
 @dataclass

@@ -1,14 +1,16 @@
-"""Checkpoints for --resume: trainable weights, optimizer, scheduler, every process's RNG, and the step.
+"""Checkpoints for --resume: trainable weights, optimizer, scheduler and the step, written by the main process.
 
 A checkpoint is written to ``step-N.partial`` and renamed to ``step-N`` once complete, so a run
-killed while saving leaves the previous checkpoint intact. Only the newest one is kept. The data
-order needs no saving: it is a function of (seed, epoch) and the step number.
+killed while saving leaves the previous checkpoint intact. Only the newest one is kept. Neither the
+data order nor any random state needs saving: the order is a function of (seed, epoch) and the
+step number, and each micro-batch's dropout of (seed, step, its place in the step)
+(``batching.dropout_seed``). So a checkpoint is the same whatever the number of processes that
+wrote it, and resumes on any number that keeps each step's micro-batches.
 """
 
 from __future__ import annotations
 
 import json
-import random
 import shutil
 from pathlib import Path
 from typing import Any
@@ -32,29 +34,6 @@ def latest_checkpoint(out: Path) -> Path | None:
         return None
     done = [p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".partial") and (p / STATE).exists()]
     return max(done, key=lambda p: int(p.name.removeprefix("step-")), default=None)
-
-
-def rng_state() -> dict[str, Any]:
-    """This process's random states: ``python``, ``numpy``, ``torch`` (CPU) and, with CUDA, ``cuda`` (every GPU's)."""
-    import numpy as np
-    import torch
-
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what ``rng_state`` saved; the CUDA states only where CUDA is available."""
-    import numpy as np
-    import torch
-
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def trainable_state(model) -> dict[str, Any]:
@@ -86,10 +65,6 @@ def save_checkpoint(accelerator, out: Path, step: int, model, optimizer, schedul
     if accelerator.is_main_process:
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    torch.save(rng_state(), partial / f"rng-{accelerator.process_index}.pt")
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
         torch.save(trainable_state(accelerator.unwrap_model(model)), partial / "adapter.pt")
         torch.save(optimizer.state_dict(), partial / "optimizer.pt")
         torch.save(scheduler.state_dict(), partial / "scheduler.pt")
@@ -109,10 +84,9 @@ def read_state(checkpoint: Path) -> dict[str, Any]:
 
 
 def load_checkpoint(accelerator, checkpoint: Path, model, optimizer, scheduler) -> None:
-    """Restore weights, optimizer, scheduler and this process's RNG (call after everything is built)."""
+    """Restore weights, optimizer and scheduler (call after everything is built)."""
     import torch
 
     load_trainable_state(accelerator.unwrap_model(model), torch.load(checkpoint / "adapter.pt", weights_only=True))
     optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
-    set_rng_state(torch.load(checkpoint / f"rng-{accelerator.process_index}.pt", weights_only=False))

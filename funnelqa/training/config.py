@@ -29,7 +29,9 @@ class Option:
     a None bound, or a None value, is not checked. ``choices``: the accepted strings, if limited.
     ``short``: an extra one-letter flag. ``roles``: the commands that offer the option.
     ``resumable``: a resumed run may change it, because it changes no step's result; every other
-    field must equal the checkpoint's.
+    field must equal the checkpoint's. ``per_process``: what must equal the checkpoint's is the
+    value times the number of processes (``--grad-accum``: the step's micro-batches are the same
+    whichever processes run them).
     """
 
     help: str
@@ -40,6 +42,7 @@ class Option:
     short: str | None = None
     roles: tuple[str, ...] = ROLES
     resumable: bool = False
+    per_process: bool = False
 
     def bounds(self) -> str | None:
         """The bounds as typer's --help writes them ('x>=1', 'x>0.0', '0.0<=x<=0.9'); None if unbounded."""
@@ -103,7 +106,8 @@ class TrainConfig:
     max_grad_norm: float = option(1.0, help="Clip gradients to this norm (0: no clipping).", min=0.0)
     batch_size: int = option(8, help="Examples per micro-batch on each process.", min=1)
     grad_accum: int = option(
-        1, help="Micro-batches per optimizer step (effective batch = batch-size x grad-accum x processes).", min=1,
+        1, help="Micro-batches per optimizer step on each process (effective batch = batch-size x grad-accum x processes).",
+        min=1, per_process=True,
     )
     epochs: int = option(3, help="Passes over the training examples (ignored when --max-steps is given).", min=1)
     max_steps: int | None = option(None, help="Stop after this many optimizer steps (overrides --epochs).", min=1)
@@ -175,15 +179,23 @@ class TrainConfig:
         data["out"] = str(self.out)
         return data
 
-    def resume_mismatches(self, saved: dict[str, Any]) -> list[str]:
-        """Each option a resumed run may not change that differs from ``saved`` (a checkpoint's
-        options), as 'name: checkpoint has X, now Y'; empty when the run can resume."""
+    def resume_mismatches(self, saved: dict[str, Any], saved_processes: int = 1, processes: int = 1) -> list[str]:
+        """Each option a resumed run may not change that differs from ``saved`` (the options of a
+        checkpoint written by ``saved_processes`` processes, resumed on ``processes``), as
+        'name: checkpoint has X, now Y'; empty when the run can resume."""
         mismatches = []
         for config_field in fields(self):
             description = option_of(config_field)
             if description is not None and description.resumable:
                 continue
             name, now = config_field.name, getattr(self, config_field.name)
-            if saved.get(name) != now:
+            if description is not None and description.per_process:
+                before = saved.get(name)
+                if before * saved_processes != now * processes:
+                    mismatches.append(
+                        f"{name} x processes: checkpoint has {before} x {saved_processes} = {before * saved_processes}, "
+                        f"now {now} x {processes} = {now * processes}"
+                    )
+            elif saved.get(name) != now:
                 mismatches.append(f"{name}: checkpoint has {saved.get(name)!r}, now {now!r}")
         return mismatches

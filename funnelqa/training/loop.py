@@ -2,8 +2,9 @@
 
 One process trains on a CPU or a GPU; ``accelerate launch`` runs several processes, each taking
 its share of every step's micro-batches (data parallel). The loss of a step is the mean over all
-its target tokens, whatever process or micro-batch they fell into, so ``--grad-accum`` and the
-number of processes change the speed, not the result (up to float rounding).
+its target tokens, whatever process or micro-batch they fell into, and each micro-batch draws its
+dropout from its own seed, so ``--grad-accum`` and the number of processes change the speed, not
+the result (up to float rounding), as long as their product stays the same.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from funnelqa import __version__
 from funnelqa.errors import UsageError
 from funnelqa.records import write_json_atomic
 from funnelqa.serving import serving_card
-from funnelqa.training.batching import StepPlan, collate, length_grouped_batches, target_loss_sum
+from funnelqa.training.batching import StepPlan, collate, dropout_seed, length_grouped_batches, target_loss_sum
 from funnelqa.training.checkpoint import latest_checkpoint, load_checkpoint, read_state, save_checkpoint
 from funnelqa.training.config import TrainConfig
 from funnelqa.training.examples import Encoded, default_layout, encode_examples, read_examples, split_users
@@ -170,7 +171,7 @@ class Trainer:
     def __init__(self, config: TrainConfig, source: str | Path):
         import torch
         from accelerate import Accelerator
-        from accelerate.utils import set_seed
+        from accelerate.utils import DistributedType, set_seed
 
         from funnelqa.console import stderr
         from funnelqa.models import load_causal_lm, resolve_base
@@ -182,16 +183,25 @@ class Trainer:
 
         self.precision = _precision(config)
         # cpu=True on a machine without CUDA lets several CPU processes (torchrun, or accelerate
-        # launch --multi_gpu) form a gloo group; accelerate otherwise runs each one alone.
+        # launch --multi_gpu, as configs/accelerate/cpu-2proc.yaml does) form a gloo group;
+        # accelerate otherwise runs each one alone.
         self.accelerator = accelerator = Accelerator(
             cpu=not torch.cuda.is_available(), mixed_precision="bf16" if self.precision == "bf16" else "no"
         )
         self.is_main = accelerator.is_main_process
+        if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
+            # Sharded weights would need gathering to evaluate, checkpoint and save; LoRA on the
+            # small bases funnelqa trains fits every GPU whole, so data parallel is enough.
+            raise UsageError(
+                f"accelerate's {accelerator.distributed_type.value} is not supported: the trainer keeps a whole "
+                "model on each process; launch data parallel (configs/accelerate/multi-gpu-ddp.yaml)"
+            )
         launched = int(os.environ.get("WORLD_SIZE", "1"))
         if launched != accelerator.num_processes:
             raise UsageError(
                 f"launched as {launched} processes but accelerate formed a group of {accelerator.num_processes}; "
-                "on CPUs use `torchrun --nproc_per_node N -m funnelqa ...` or `accelerate launch --multi_gpu`"
+                "on CPUs use `accelerate launch --config_file configs/accelerate/cpu-2proc.yaml` (--multi_gpu), "
+                "or `torchrun --nproc_per_node N -m funnelqa ...`"
             )
         if accelerator.num_processes > 1 and str(source) == "-":
             raise UsageError("several processes cannot share stdin; give the examples as a file")
@@ -199,9 +209,7 @@ class Trainer:
         saved: dict[str, Any] = {}
         if checkpoint is not None:
             saved = read_state(checkpoint)
-            mismatches = config.resume_mismatches(saved["options"])
-            if saved["num_processes"] != accelerator.num_processes:
-                mismatches.append(f"processes: checkpoint has {saved['num_processes']}, now {accelerator.num_processes}")
+            mismatches = config.resume_mismatches(saved["options"], saved["num_processes"], accelerator.num_processes)
             if mismatches:
                 raise UsageError(f"cannot resume {checkpoint}: options differ ({'; '.join(mismatches)})")
 
@@ -259,19 +267,19 @@ class Trainer:
 
         self.step = 0
         self.history: dict[str, Any] = {
-            "step_losses": [], "eval": [], "train_tokens": 0, "train_seconds": 0.0, "wall_seconds": 0.0,
+            "step_losses": [], "eval": [], "train_tokens": 0, "train_seconds": 0.0, "wall_seconds": 0.0, "parts": [],
         }
         self.resumed_from: int | None = None
         self._epoch_batches: tuple[int, list[list[int]]] = (-1, [])
         if checkpoint is not None:
             load_checkpoint(accelerator, checkpoint, self._model, self.optimizer, self.scheduler)
             self.step = self.resumed_from = saved["step"]
-            self.history = saved["history"]
+            # A checkpoint written before runs recorded their parts was written by one part.
+            self.history = {"parts": [[0, saved["num_processes"]]], **saved["history"]}
             if self.is_main:
                 stderr.print(f"resuming from {checkpoint} (step {self.step} of {self.total_steps})")
-        else:
-            # Each process drops out different LoRA inputs; the weights above were initialised alike.
-            torch.manual_seed(config.seed * 1009 + accelerator.process_index + 1)
+        # Each stretch of steps run without a break, and on how many processes: a resumed run may change the count.
+        self.history["parts"].append([self.step, accelerator.num_processes])
 
     @property
     def model(self):
@@ -343,17 +351,19 @@ class Trainer:
         batches = self._epoch_batches[1]
         pad_id = self.tokenizer.pad_token_id
         micro = [
-            collate([self.train_set[i] for i in indices], pad_id)
-            for indices in plan.step_batches(batches, step_in_epoch, accelerator.process_index)
+            (place, collate([self.train_set[i] for i in indices], pad_id))
+            for place, indices in plan.step_batches(batches, step_in_epoch, accelerator.process_index)
         ]
         tick = time.perf_counter()
         counts = torch.tensor(
-            [sum(b.target_tokens for b in micro), sum(b.tokens for b in micro)], dtype=torch.float64, device=accelerator.device
+            [sum(b.target_tokens for _, b in micro), sum(b.tokens for _, b in micro)],
+            dtype=torch.float64, device=accelerator.device,
         )
         target_tokens, tokens = (float(x) for x in accelerator.reduce(counts, reduction="sum"))
         loss_total = torch.zeros((), dtype=torch.float64, device=accelerator.device)
-        for i, batch in enumerate(micro):
+        for i, (place, batch) in enumerate(micro):
             batch = batch.to(accelerator.device)
+            torch.manual_seed(dropout_seed(self.config.seed, self.step, place))
             syncing = i == len(micro) - 1  # gradients are exchanged once per step, after the last micro-batch
             with nullcontext() if syncing else accelerator.no_sync(self._model):
                 loss_sum = target_loss_sum(self._model, batch)
@@ -419,6 +429,7 @@ class Trainer:
             "epochs": round(self.step / self.plan.steps_per_epoch, 3),
             "effective_batch_size": config.batch_size * config.grad_accum * self.accelerator.num_processes,
             "processes": self.accelerator.num_processes,
+            "parts": [{"from_step": step, "processes": n} for step, n in history["parts"]],
             "device": self.accelerator.device.type,
             "precision": self.precision,
             "train_loss_first": losses[0][0] / losses[0][1] if losses else None,
