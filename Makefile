@@ -29,7 +29,7 @@ demo: setup
 
 # The paper's experiment on the real MovieLens data: small CPU configuration (about 79 minutes on 2 cores)
 # and the full one for a GPU (several GPUs: see docs/training.md for accelerate). paper-ablation adds
-# the Sec. 4.2.3 `answers` profile form to the CPU run, reusing what `make paper` finished (~25 minutes).
+# the Sec. 4.2.3 `answers` profile form to the CPU run, reusing what `make paper` finished (about 20 minutes).
 paper: setup
 	$(FQA) experiment experiments/paper-cpu.toml
 
