@@ -10,8 +10,8 @@ This module reads an adapter folder as vLLM's LoRA loader does and says whether 
 - the modules come from the tensor names in ``adapter_model.safetensors``, not from
   ``target_modules`` (vllm/lora/lora_model.py ``from_local_checkpoint``): every name must be a
   ``lora_A``/``lora_B`` weight of a layer the model takes LoRA on. peft writes ``all-linear`` out
-  as full module paths (``model.layers.0.self_attn.q_proj``, ...), which vLLM reads by their last
-  part.
+  as module names (``q_proj``, ...); the tensor names carry full paths
+  (``model.layers.0.self_attn.q_proj.lora_A.weight``), which vLLM reads by their module part.
 
 Nothing here imports torch or vLLM: the trainer calls ``serving_card`` for the run card.
 """

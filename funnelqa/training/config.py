@@ -161,8 +161,10 @@ class TrainConfig:
             problem = description.problem(getattr(self, config_field.name))
             if problem is not None:
                 raise UsageError(f"{flag(config_field.name)} {problem}")
-        if self.layout == "conversation" and self.profile_form == "answers":
-            raise UsageError("--layout conversation needs --profile-form qa: the 'answers' prompts are not one conversation")
+        # Imported here: this module builds the CLI's options, and --help must stay light.
+        from funnelqa.training.examples import resolve_layout
+
+        resolve_layout(self.role, self.profile_form, self.layout)
         parse_model_spec(self.base)
         if not self.target_module_list():
             raise UsageError("--target-modules names no module; use 'all-linear' or e.g. q_proj,v_proj")

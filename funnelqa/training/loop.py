@@ -28,7 +28,7 @@ from funnelqa.serving import serving_card
 from funnelqa.training.batching import StepPlan, collate, dropout_seed, length_grouped_batches, target_loss_sum
 from funnelqa.training.checkpoint import latest_checkpoint, load_checkpoint, read_state, save_checkpoint
 from funnelqa.training.config import TrainConfig
-from funnelqa.training.examples import Encoded, default_layout, encode_examples, read_examples, split_users
+from funnelqa.training.examples import Encoded, encode_examples, read_examples, resolve_layout, split_users
 
 RUN_CARD = "run_card.json"
 # The final train loss is the token-weighted mean over this many last steps: one step is noisy.
@@ -232,7 +232,7 @@ class Trainer:
         model.train()
 
         self.train_users, self.eval_users = split_users(self.data.users, config.eval_fraction, config.seed)
-        self.layout = config.layout if config.layout != "auto" else default_layout(config.role, config.profile_form)
+        self.layout = resolve_layout(config.role, config.profile_form, config.layout)
         encoded, self.encode_stats = encode_examples(
             self.tokenizer, self.data, config.role, config.profile_form, config.max_length, self.layout, config.seed
         )
