@@ -15,28 +15,12 @@ from funnelqa.score import (
     tag_recall,
 )
 from tests.conftest import run_cli
-
-TARGET = [
-    {"tag": "Genre", "content": "The user loves crime films."},
-    {"tag": "Tone", "content": "The user prefers dark stories."},
-    {"tag": "Era", "content": "The user likes the 1970s."},
-]
-
-
-def turn(tags, question="Q?"):
-    return {"question": question, "answer": "A." if tags else "No preference", "tags": tags, "answered": bool(tags)}
+from tests.sessions import TARGET, make_session
 
 
 def session(user, tags_per_turn, target=TARGET, **meta):
-    content = {t["tag"]: t for t in target}
-    elicited, seen = [], set()
-    for tags in tags_per_turn:
-        for name in tags:
-            if name not in seen:
-                seen.add(name)
-                elicited.append(content[name])
-    return {"id": user, "turns": [turn(t) for t in tags_per_turn], "elicited": elicited, "target": target,
-            "questioner": "oracle", "simulator": "fake:s.json", "profile_form": "qa", "max_questions": 4, **meta}
+    meta = {"questioner": "oracle", "max_questions": 4, **meta}
+    return make_session(user, tags_per_turn, questions=["Q?"] * len(tags_per_turn), target=target, **meta)
 
 
 def test_profile_texts_follow_reveal_and_target_order():

@@ -13,27 +13,13 @@ from funnelqa.repeats import exact_repeated_turns, is_repeat, repeated_turns
 from funnelqa.score import SYSTEM_RATIOS, SessionScorer, score_file, score_sessions
 from funnelqa.simulate import UserSimulator, run_interviews
 from tests.conftest import run_cli
-
-TARGET = [
-    {"tag": "Genre", "content": "The user loves crime films."},
-    {"tag": "Tone", "content": "The user prefers dark stories."},
-    {"tag": "Era", "content": "The user likes the 1970s."},
-]
+from tests.sessions import TARGET, make_session
 
 
 def session(user, tags_per_turn, questions=None, **meta):
-    content = {t["tag"]: t for t in TARGET}
-    elicited, seen = [], set()
-    for tags in tags_per_turn:
-        for name in tags:
-            if name not in seen:
-                seen.add(name)
-                elicited.append(content[name])
     questions = questions or [f"Question {i}?" for i in range(len(tags_per_turn))]
-    turns = [{"question": q, "answer": "A." if t else "No preference", "tags": t, "answered": bool(t)}
-             for q, t in zip(questions, tags_per_turn)]
-    return {"id": user, "turns": turns, "elicited": elicited, "target": TARGET, "questioner": "local",
-            "simulator": "fake:s.json", "profile_form": "qa", "max_questions": len(turns), **meta}
+    meta = {"questioner": "local", "max_questions": len(tags_per_turn), **meta}
+    return make_session(user, tags_per_turn, questions=questions, **meta)
 
 
 def write(path, sessions):
