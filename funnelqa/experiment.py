@@ -48,18 +48,32 @@ class Stage:
     output: Path
     inputs: list[Path]
     product: Path | None = None
+    processes: int = 1
 
     def __post_init__(self) -> None:
         self.product = self.product or self.output
 
     @property
+    def launcher(self) -> list[str]:
+        """accelerate's launcher for a stage of several data-parallel processes (training), else
+        nothing. --multi_gpu is torchrun underneath: it forms a gloo group on CPUs too
+        (docs/training.md, "Devices and several processes"); port 0 asks for a free one."""
+        if self.processes == 1:
+            return []
+        return ["launch", "--multi_gpu", "--num_processes", str(self.processes), "--main_process_port", "0"]
+
+    @property
     def command(self) -> list[str]:
         """As a user would type it (the report lists it)."""
+        if self.processes > 1:
+            return ["accelerate", *self.launcher, "-m", "funnelqa", *self.args]
         return ["funnelqa", *self.args]
 
     @property
     def argv(self) -> list[str]:
         """As this process runs it: the same interpreter, whatever is on PATH."""
+        if self.processes > 1:
+            return [sys.executable, "-m", "accelerate.commands.accelerate_cli", *self.launcher, "-m", "funnelqa", *self.args]
         return [sys.executable, "-m", "funnelqa", *self.args]
 
 
@@ -152,13 +166,19 @@ def core_slots(jobs: int) -> list[set[int] | None]:
     nothing (docs/training.md, "Stages at once"). With one job, or more jobs than cores, nothing
     is pinned.
     """
-    try:
-        cores = sorted(os.sched_getaffinity(0))
-    except AttributeError:  # no affinity API (macOS): the OS places the processes
-        return [None] * jobs
-    if jobs == 1 or jobs > len(cores):
+    cores = _cores()
+    if cores is None or jobs == 1 or jobs > len(cores):
         return [None] * jobs
     return [set(cores[i::jobs]) for i in range(jobs)]
+
+
+def _cores() -> list[int] | None:
+    """The cores this process may run on, sorted; None without an affinity API (macOS: the OS
+    places the processes)."""
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except AttributeError:
+        return None
 
 
 def run_stages(exp: Experiment, stages: list[Stage], jobs: int = 1) -> None:
@@ -172,7 +192,7 @@ def run_stages(exp: Experiment, stages: list[Stage], jobs: int = 1) -> None:
     """
     producers = {stage.product: stage for stage in stages}
     pending = list(stages)
-    running: dict[subprocess.Popen, tuple[Stage, float, int, Path | None, Any]] = {}
+    running: dict[subprocess.Popen, tuple[Stage, float, list[int], Path | None, Any]] = {}
     finished: set[str] = set()
     failures: list[str] = []
     free = list(range(jobs))
@@ -183,28 +203,32 @@ def run_stages(exp: Experiment, stages: list[Stage], jobs: int = 1) -> None:
         while skipped and free and not failures:
             skipped = False
             for stage in [s for s in pending if all(producers[i].name in finished for i in s.inputs if i in producers)]:
-                if not free:
-                    break
-                pending.remove(stage)
                 if is_done(stage):
+                    pending.remove(stage)
                     stderr.print(f"[dim]{escape(stage.name)}: done before, skipped[/]")
                     exp.stages.append(StageRun(stage.name, stage.command, 0.0, cached=True))
                     finished.add(stage.name)
                     skipped = True
                     continue
-                slot = free.pop(0)
-                process, log, handle = launch(exp, stage, slots[slot], jobs)
-                running[process] = (stage, time.perf_counter(), slot, log, handle)
+                # A stage of several processes takes as many slots; until they are free, no later
+                # stage jumps ahead of it, or one-slot stages would keep it waiting.
+                need = min(stage.processes, jobs)
+                if len(free) < need:
+                    break
+                pending.remove(stage)
+                taken, free = free[:need], free[need:]
+                cores = None if any(slots[i] is None for i in taken) else set().union(*(slots[i] for i in taken))
+                process, log, handle = launch(exp, stage, cores, jobs)
+                running[process] = (stage, time.perf_counter(), taken, log, handle)
         if not running:
             if pending and not failures:
                 raise FunnelQAError("stages wait on inputs no stage produces: " + ", ".join(s.name for s in pending))
             break
         process = wait_any(running)
-        stage, started, slot, log, handle = running.pop(process)
+        stage, started, taken, log, handle = running.pop(process)
         if handle is not None:
             handle.close()
-        free.append(slot)
-        free.sort()
+        free = sorted(free + taken)
         seconds = time.perf_counter() - started
         if process.returncode != 0:
             where = f"; its log: {log}" if log else ""
@@ -227,8 +251,12 @@ def launch(exp: Experiment, stage: Stage, cores: set[int] | None, jobs: int):
     preexec = None
     if cores is not None:
         # hf.py sizes torch's thread pool from the affinity mask; OMP_NUM_THREADS covers training.
-        env["OMP_NUM_THREADS"] = str(len(cores))
+        env["OMP_NUM_THREADS"] = str(max(1, len(cores) // stage.processes))
         preexec = lambda: os.sched_setaffinity(0, cores)  # noqa: E731
+    elif stage.processes > 1:
+        # The processes share the cores, one thread each at least: threads of one process waiting
+        # for each other cost more than they bring (docs/training.md, "Speed on this CPU").
+        env["OMP_NUM_THREADS"] = str(max(1, len(_cores() or range(os.cpu_count() or 1)) // stage.processes))
     log = handle = None
     if jobs > 1:
         log = exp.root / "logs" / (slug(stage.name) + ".log")
@@ -315,14 +343,28 @@ def run_experiment(config_path: str | os.PathLike, root: str | os.PathLike | Non
     if unknown := [form for form in forms if form not in PROFILE_FORMS]:
         raise UsageError(f"{config_path}: unknown profile form(s) {', '.join(map(repr, unknown))}; "
                          f"use {', '.join(PROFILE_FORMS)}")
+    processes = train_options.get("processes", 1)
+    if not isinstance(processes, int) or isinstance(processes, bool) or processes < 1:
+        raise UsageError(f"{config_path}: [train] processes must be a whole number, at least 1, not {processes!r}")
+
+    def per_process(options: dict[str, Any], role: str) -> dict[str, Any]:
+        # The processes share each step's micro-batches, so a step stays batch_size x grad_accum
+        # sequences, and the run the same as on one process (docs/training.md).
+        grad_accum = options.get("grad_accum", 1)
+        if grad_accum % processes:
+            raise UsageError(f"{config_path}: grad_accum = {grad_accum} of the {role} is not a multiple of "
+                             f"[train] processes = {processes}: each process runs grad_accum / processes "
+                             "micro-batches of every step")
+        return {**options, "grad_accum": grad_accum // processes} if processes > 1 else options
+
     # The simulator first: it trains longest (it reads each user's whole profile), so with
     # several jobs the questioners train beside it rather than after it.
     simulator_dir = exp.root / "simulator"
-    options = {**train_options.get("common", {}), **train_options.get("simulator", {})}
+    options = per_process({**train_options.get("common", {}), **train_options.get("simulator", {})}, "simulator")
     stages.append(Stage("train-simulator",
                         ["train-simulator", str(examples), *dev, "--base", base, "--seed", seed,
                          "--out", str(simulator_dir), *flags(options)],
-                        simulator_dir / "run_card.json", [examples], product=simulator_dir))
+                        simulator_dir / "run_card.json", [examples], product=simulator_dir, processes=processes))
     adapters: dict[str, Path] = {}
     for form in forms:
         out = exp.root / f"questioner-{form}"
@@ -332,10 +374,11 @@ def run_experiment(config_path: str | os.PathLike, root: str | os.PathLike | Non
         options = {**train_options.get("common", {}),
                    **{k: v for k, v in questioner_options.items() if not isinstance(v, dict)},
                    **questioner_options.get(form, {})}
+        options = per_process(options, f"questioner [{form}]")
         stages.append(Stage(f"train-questioner [{form}]",
                             ["train-questioner", str(examples), *dev, "--base", base, "--profile-form", form,
                              "--seed", seed, "--out", str(out), *flags(options)],
-                            out / "run_card.json", [examples], product=out))
+                            out / "run_card.json", [examples], product=out, processes=processes))
 
     simulate_options = config.get("simulate", {})
     simulators = {"base": base, "fine-tuned": f"{base}+{simulator_dir}"}

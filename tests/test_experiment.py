@@ -122,3 +122,47 @@ def test_a_rerun_skips_a_chain_of_finished_stages_at_any_jobs(tmp_path):
         exp = Experiment(tmp_path / "x.toml", {}, tmp_path)
         run_stages(exp, [first, then, last], jobs=jobs)
         assert [(run.name, run.cached) for run in exp.stages] == [("first", True), ("then", True), ("last", True)]
+
+
+def test_training_on_several_processes_keeps_the_step_and_shares_its_micro_batches(tmp_path):
+    """[train] processes = 2: each training stage is one accelerate launch of 2 processes, each
+    running grad_accum / 2 micro-batches of a step; the run card says so, the report shows the launch."""
+    model = make_tiny_model(tmp_path / "tiny")
+    config = tmp_path / "tiny.toml"
+    body = f'''
+name = "tiny"
+forward = "{EXAMPLES / 'forward.jsonl'}"
+base = "hf:{model}"
+forms = ["qa"]
+grid = []
+oracles = ["oracle"]
+plots = "{tmp_path / 'plots'}"
+[split]
+max_users = 8
+test_users = 2
+dev_fraction = 0.2
+[train]
+processes = 2
+[train.common]
+batch_size = 1
+grad_accum = GRAD_ACCUM
+max_steps = 2
+save_every = 0
+[simulate]
+max_questions = 2
+'''
+    config.write_text(body.replace("GRAD_ACCUM", "3"))
+    odd = run_cli("experiment", config, "--root", tmp_path / "odd")
+    assert odd.returncode != 0
+    assert "grad_accum = 3 of the simulator is not a multiple of [train] processes = 2" in odd.stderr
+
+    config.write_text(body.replace("GRAD_ACCUM", "2"))
+    root = tmp_path / "run"
+    result = run_cli("experiment", config, "--root", root, "--jobs", "2", env={"CUDA_VISIBLE_DEVICES": ""})
+    assert result.returncode == 0, result.stderr
+    for adapter in ("simulator", "questioner-qa"):
+        card = json.loads((root / adapter / "run_card.json").read_text())
+        assert (card["processes"], card["effective_batch_size"], card["steps"]) == (2, 2, 2)
+    report = (root / "report.md").read_text()
+    assert "accelerate launch --multi_gpu --num_processes 2 --main_process_port 0 -m funnelqa train-simulator" in report
+    assert "--grad-accum 1" in report and "--grad-accum 2" not in report
