@@ -183,7 +183,9 @@ def _cores() -> list[int] | None:
 
 def run_stages(exp: Experiment, stages: list[Stage], jobs: int = 1) -> None:
     """Run every stage not already done, at most ``jobs`` at a time, each once the stages that
-    produce its inputs have finished; earlier stages in ``stages`` start first.
+    produce its inputs have finished; earlier stages in ``stages`` start first. A stage of N
+    processes takes N slots (all, with fewer jobs), and no later stage starts while it waits, so
+    a stage's producers must come before it in ``stages``.
 
     With one job a stage's progress goes to this terminal; with several, each stage writes its
     log to ``<root>/logs/<stage>.log`` and this prints when it starts and ends. A failed stage
@@ -202,7 +204,11 @@ def run_stages(exp: Experiment, stages: list[Stage], jobs: int = 1) -> None:
         skipped = True
         while skipped and free and not failures:
             skipped = False
-            for stage in [s for s in pending if all(producers[i].name in finished for i in s.inputs if i in producers)]:
+            for stage in list(pending):
+                if not all(producers[i].name in finished for i in stage.inputs if i in producers):
+                    if stage.processes > 1:
+                        break  # it will want every slot: later stages wait rather than hold one
+                    continue
                 if is_done(stage):
                     pending.remove(stage)
                     stderr.print(f"[dim]{escape(stage.name)}: done before, skipped[/]")
@@ -211,7 +217,7 @@ def run_stages(exp: Experiment, stages: list[Stage], jobs: int = 1) -> None:
                     skipped = True
                     continue
                 # A stage of several processes takes as many slots; until they are free, no later
-                # stage jumps ahead of it, or one-slot stages would keep it waiting.
+                # stage jumps ahead of it, or one-slot stages would keep taking them.
                 need = min(stage.processes, jobs)
                 if len(free) < need:
                     break
