@@ -27,7 +27,7 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(FQA) experiment experiments/demo.toml
 
-# The paper's experiment on the real MovieLens data: small CPU configuration (about 79 minutes on 2 cores)
+# The paper's experiment on the real MovieLens data: small CPU configuration (about 63 minutes on 2 cores)
 # and the full one for a GPU (several GPUs: see docs/training.md for accelerate). paper-ablation adds
 # the Sec. 4.2.3 `answers` profile form to the CPU run, reusing what `make paper` finished (about 20 minutes).
 paper: setup

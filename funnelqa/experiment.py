@@ -160,11 +160,10 @@ def is_done(stage: Stage) -> bool:
 def core_slots(jobs: int) -> list[set[int] | None]:
     """The CPU cores each of ``jobs`` concurrent stages may use: disjoint, as equal as possible.
 
-    Pinned, because OpenMP threads of two processes sharing cores stall each other. Whether two
-    one-core stages beat one two-core stage depends on the machine: on an idle 2-core CPU one
-    thread trains at 0.62 of two (so up to 1.24x), but the make paper run beside other work gained
-    nothing (docs/training.md, "Stages at once"). With one job, or more jobs than cores, nothing
-    is pinned.
+    Pinned, because OpenMP threads of two processes sharing cores stall each other. On this
+    project's 2-core CPU two one-thread stages (or training processes) do more than one two-thread
+    one: 1.1-1.4x (docs/training.md, "Stages at once"). With one job, or more jobs than cores,
+    nothing is pinned.
     """
     cores = _cores()
     if cores is None or jobs == 1 or jobs > len(cores):

@@ -67,16 +67,21 @@ class ScriptStage(Stage):
     """A stage that runs a few lines of Python instead of a funnelqa command: it fails if an input
     is not there yet, and exits 3 when told to ``fail``."""
 
-    def __init__(self, name, tmp_path, inputs=(), fail=False):
-        super().__init__(name, ["--script", name], tmp_path / f"{name}.txt", list(inputs))
+    def __init__(self, name, tmp_path, inputs=(), fail=False, processes=1):
+        super().__init__(name, ["--script", name], tmp_path / f"{name}.txt", list(inputs), processes=processes)
         self.fail = fail
+        self.journal = tmp_path / "journal.txt"
 
     @property
     def argv(self):
-        code = (f"import sys, pathlib\n"
+        code = (f"import sys, pathlib, time\n"
+                f"journal = open({str(self.journal)!r}, 'a')\n"
+                f"journal.write({self.name!r} + ' start\\n'); journal.flush()\n"
                 f"for path in {[str(p) for p in self.inputs]!r}:\n"
                 f"    assert pathlib.Path(path).exists(), path + ' is not there yet'\n"
                 f"{'sys.exit(3)' if self.fail else ''}\n"
+                f"time.sleep(0.2)\n"
+                f"journal.write({self.name!r} + ' end\\n'); journal.flush()\n"
                 f"pathlib.Path({str(self.output)!r}).write_text('ok')\n")
         return [sys.executable, "-c", code]
 
@@ -109,6 +114,30 @@ def test_stages_run_at_once_each_after_its_inputs_and_a_failure_keeps_the_finish
     with pytest.raises(FunnelQAError, match="stage broken failed"):
         run_stages(exp, [broken, queued], jobs=1)
     assert exp.stages == [] and not (tmp_path / "queued.txt").exists()
+
+
+def test_a_stage_of_several_processes_gets_every_slot_and_nothing_later_jumps_ahead(tmp_path):
+    from funnelqa.experiment import Experiment, run_stages
+
+    def order(folder, make):
+        folder.mkdir()
+        stages = make(folder)
+        run_stages(Experiment(folder / "x.toml", {}, folder), stages, jobs=2)
+        return stages[0].journal.read_text().split("\n")[:-1]
+
+    # Ready while `first` holds one of the two slots: it waits for both, and `later` waits behind it.
+    assert order(tmp_path / "ready", lambda d: [
+        ScriptStage("first", d), ScriptStage("big", d, processes=2), ScriptStage("later", d),
+    ]) == ["first start", "first end", "big start", "big end", "later start", "later end"]
+
+    # Not ready yet (it needs `first`): `later` still does not take the free slot in the meantime.
+    def waiting(d):
+        first = ScriptStage("first", d)
+        return [first, ScriptStage("big", d, inputs=[first.output], processes=2), ScriptStage("later", d)]
+
+    assert order(tmp_path / "waiting", waiting) == [
+        "first start", "first end", "big start", "big end", "later start", "later end",
+    ]
 
 
 def test_a_rerun_skips_a_chain_of_finished_stages_at_any_jobs(tmp_path):
