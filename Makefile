@@ -28,8 +28,8 @@ demo: setup
 	$(FQA) experiment experiments/demo.toml
 
 # The paper's experiment on the real MovieLens data: small CPU configuration (about 63 minutes on 2 cores)
-# and the full one for a GPU (several GPUs: see docs/training.md for accelerate). paper-ablation adds
-# the Sec. 4.2.3 `answers` profile form to the CPU run, reusing what `make paper` finished (about 20 minutes).
+# and the full one for a GPU (several GPUs: `[train] processes = N` in its config, docs/training.md). paper-ablation adds
+# the Sec. 4.2.3 `answers` profile form to the CPU run, reusing what `make paper` finished (21 minutes measured).
 paper: setup
 	$(FQA) experiment experiments/paper-cpu.toml
 

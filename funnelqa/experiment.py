@@ -7,7 +7,8 @@ profile form, plus the oracle and shuffled-oracle questioners -> score with plot
 Every stage runs the real ``funnelqa`` command, so the report lists commands a user can paste.
 A stage is skipped when its output exists and its stamp (the command plus the hashes of its
 inputs) matches, so a re-run after a crash redoes nothing finished; simulate and training resume
-from their own partial outputs.
+from their own partial outputs. A stage whose command or inputs changed since it finished is
+redone from scratch: its old output is removed first, never resumed from.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import os
 import platform
 import random
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -49,6 +51,7 @@ class Stage:
     inputs: list[Path]
     product: Path | None = None
     processes: int = 1
+    resume: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         self.product = self.product or self.output
@@ -60,7 +63,10 @@ class Stage:
         (docs/training.md, "Devices and several processes"); port 0 asks for a free one."""
         if self.processes == 1:
             return []
-        return ["launch", "--multi_gpu", "--num_processes", str(self.processes), "--main_process_port", "0"]
+        # Every setting a default accelerate config (accelerate config) could otherwise supply is
+        # given, so a user's one-GPU or multi-machine default does not leak into the run.
+        return ["launch", "--multi_gpu", "--num_processes", str(self.processes), "--num_machines", "1",
+                "--gpu_ids", "all", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
 
     @property
     def command(self) -> list[str]:
@@ -71,10 +77,13 @@ class Stage:
 
     @property
     def argv(self) -> list[str]:
-        """As this process runs it: the same interpreter, whatever is on PATH."""
+        """As this process runs it: the same interpreter, whatever is on PATH, plus ``resume``
+        (flags that make a re-run continue a crashed stage, e.g. training's --resume; not part of
+        ``command``, so they do not change the stamp)."""
         if self.processes > 1:
-            return [sys.executable, "-m", "accelerate.commands.accelerate_cli", *self.launcher, "-m", "funnelqa", *self.args]
-        return [sys.executable, "-m", "funnelqa", *self.args]
+            return [sys.executable, "-m", "accelerate.commands.accelerate_cli", *self.launcher, "-m", "funnelqa",
+                    *self.args, *self.resume]
+        return [sys.executable, "-m", "funnelqa", *self.args, *self.resume]
 
 
 @dataclass
@@ -157,12 +166,29 @@ def is_done(stage: Stage) -> bool:
     return stage.output.exists() and stamp.exists() and stamp.read_text().strip() == stamp_key(stage)
 
 
+def clear_stale(stage: Stage) -> bool:
+    """Remove what ``stage`` made when it finished earlier with another command or other inputs
+    (its stamp is there but differs), so it is redone from scratch rather than resumed from a
+    stale product (simulate would keep every finished interview, a training its finished adapter).
+    Returns True when something was removed."""
+    stamp = stamp_path(stage)
+    if not stamp.exists() or is_done(stage):
+        return False
+    for made in (stage.product, stage.output):
+        if made.is_dir():
+            shutil.rmtree(made)
+        else:
+            made.unlink(missing_ok=True)
+    stamp.unlink(missing_ok=True)
+    return True
+
+
 def core_slots(jobs: int) -> list[set[int] | None]:
     """The CPU cores each of ``jobs`` concurrent stages may use: disjoint, as equal as possible.
 
     Pinned, because OpenMP threads of two processes sharing cores stall each other. On this
     project's 2-core CPU two one-thread stages (or training processes) do more than one two-thread
-    one: 1.1-1.4x (docs/training.md, "Stages at once"). With one job, or more jobs than cores,
+    one: 1.2-1.4x (docs/training.md, "Stages at once"). With one job, or more jobs than cores,
     nothing is pinned.
     """
     cores = _cores()
@@ -221,6 +247,8 @@ def run_stages(exp: Experiment, stages: list[Stage], jobs: int = 1) -> None:
                 if len(free) < need:
                     break
                 pending.remove(stage)
+                if clear_stale(stage):
+                    stderr.print(f"[yellow]{escape(stage.name)}: its command or inputs changed since it finished: redone[/]")
                 taken, free = free[:need], free[need:]
                 cores = None if any(slots[i] is None for i in taken) else set().union(*(slots[i] for i in taken))
                 process, log, handle = launch(exp, stage, cores, jobs)
@@ -348,6 +376,11 @@ def run_experiment(config_path: str | os.PathLike, root: str | os.PathLike | Non
     if unknown := [form for form in forms if form not in PROFILE_FORMS]:
         raise UsageError(f"{config_path}: unknown profile form(s) {', '.join(map(repr, unknown))}; "
                          f"use {', '.join(PROFILE_FORMS)}")
+    if unknown := sorted(set(train_options) - {"processes", "common", "simulator", "questioner"}):
+        raise UsageError(f"{config_path}: unknown key(s) in [train]: {', '.join(unknown)}; training options go in "
+                         "[train.common], [train.simulator] or [train.questioner]")
+    if any("processes" in train_options.get(part, {}) for part in ("common", "simulator", "questioner")):
+        raise UsageError(f"{config_path}: processes is set in [train] itself, for both models")
     processes = train_options.get("processes", 1)
     if not isinstance(processes, int) or isinstance(processes, bool) or processes < 1:
         raise UsageError(f"{config_path}: [train] processes must be a whole number, at least 1, not {processes!r}")
@@ -355,21 +388,25 @@ def run_experiment(config_path: str | os.PathLike, root: str | os.PathLike | Non
     def per_process(options: dict[str, Any], role: str) -> dict[str, Any]:
         # The processes share each step's micro-batches, so a step stays batch_size x grad_accum
         # sequences, and the run the same as on one process (docs/training.md).
-        grad_accum = options.get("grad_accum", 1)
+        grad_accum = options.get("grad_accum", 1)  # the trainer's default
+        if not isinstance(grad_accum, int) or isinstance(grad_accum, bool) or grad_accum < 1:
+            raise UsageError(f"{config_path}: grad_accum of the {role} must be a whole number, at least 1, not {grad_accum!r}")
         if grad_accum % processes:
-            raise UsageError(f"{config_path}: grad_accum = {grad_accum} of the {role} is not a multiple of "
+            given = "" if "grad_accum" in options else " (the default)"
+            raise UsageError(f"{config_path}: grad_accum = {grad_accum}{given} of the {role} is not a multiple of "
                              f"[train] processes = {processes}: each process runs grad_accum / processes "
                              "micro-batches of every step")
         return {**options, "grad_accum": grad_accum // processes} if processes > 1 else options
 
     # The simulator first: it trains longest (it reads each user's whole profile), so with
-    # several jobs the questioners train beside it rather than after it.
+    # several jobs and one process each the questioners train beside it rather than after it.
     simulator_dir = exp.root / "simulator"
     options = per_process({**train_options.get("common", {}), **train_options.get("simulator", {})}, "simulator")
     stages.append(Stage("train-simulator",
                         ["train-simulator", str(examples), *dev, "--base", base, "--seed", seed,
                          "--out", str(simulator_dir), *flags(options)],
-                        simulator_dir / "run_card.json", [examples], product=simulator_dir, processes=processes))
+                        simulator_dir / "run_card.json", [examples], product=simulator_dir, processes=processes,
+                        resume=("--resume",)))
     adapters: dict[str, Path] = {}
     for form in forms:
         out = exp.root / f"questioner-{form}"
@@ -383,7 +420,8 @@ def run_experiment(config_path: str | os.PathLike, root: str | os.PathLike | Non
         stages.append(Stage(f"train-questioner [{form}]",
                             ["train-questioner", str(examples), *dev, "--base", base, "--profile-form", form,
                              "--seed", seed, "--out", str(out), *flags(options)],
-                            out / "run_card.json", [examples], product=out, processes=processes))
+                            out / "run_card.json", [examples], product=out, processes=processes,
+                            resume=("--resume",)))
 
     simulate_options = config.get("simulate", {})
     simulators = {"base": base, "fine-tuned": f"{base}+{simulator_dir}"}
@@ -497,7 +535,7 @@ def write_report(exp: Experiment, scores: Path, plots: Path, labels: dict[str, s
     for stage in exp.stages:
         when = "cached" if stage.cached else f"{stage.seconds:.0f}"
         lines.append(f"| {stage.name} | {when} | `{redact(shlex.join(stage.command))}` |")
-    at_once = f" ({jobs} stages at a time, each on its own share of the cores)" if jobs > 1 else ""
+    at_once = f" (up to {jobs} stages at a time)" if jobs > 1 else ""
     lines += ["", f"Total wall time of this run: {seconds:.0f} s{at_once}.", ""]
     if plots.exists():
         lines += [f"![{p.stem}]({os.path.relpath(p, exp.root)})" for p in sorted(plots.glob("*.png"))]

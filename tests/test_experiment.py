@@ -140,6 +140,37 @@ def test_a_stage_of_several_processes_gets_every_slot_and_nothing_later_jumps_ah
     ]
 
 
+def test_a_stage_finished_by_another_command_is_redone_from_scratch_not_resumed(tmp_path):
+    """simulate keeps a finished interview and a training its finished adapter: resuming from what
+    another command made would report stale results, so the driver removes it first."""
+    from funnelqa.experiment import Experiment, run_stages
+
+    stage = ScriptStage("train", tmp_path)
+    stage.product = tmp_path / "adapter"
+    stage.product.mkdir()
+    run_stages(Experiment(tmp_path / "x.toml", {}, tmp_path), [stage], jobs=1)
+    (stage.product / "from-the-first-run").write_text("stale")
+
+    changed = ScriptStage("train", tmp_path)
+    changed.product = stage.product
+    changed.args = [*changed.args, "--lr", "1e-4"]
+    exp = Experiment(tmp_path / "x.toml", {}, tmp_path)
+    run_stages(exp, [changed], jobs=1)
+    assert [(run.name, run.cached) for run in exp.stages] == [("train", False)]
+    assert not stage.product.exists() and stage.output.read_text() == "ok"
+
+    # A stage a crash cut short has no stamp: its partial output stays, for the stage to resume from.
+    crashed = ScriptStage("crashed", tmp_path)
+    crashed.output.write_text("partial")
+    from funnelqa.experiment import clear_stale
+    assert not clear_stale(crashed) and crashed.output.read_text() == "partial"
+
+
+def test_training_resumes_a_crashed_run_without_changing_its_command():
+    stage = Stage("train-simulator", ["train-simulator", "x.jsonl"], None, [], resume=("--resume",))
+    assert stage.argv[-1] == "--resume" and "--resume" not in stage.command
+
+
 def test_a_rerun_skips_a_chain_of_finished_stages_at_any_jobs(tmp_path):
     from funnelqa.experiment import Experiment, run_stages
 
@@ -185,13 +216,26 @@ max_questions = 2
     assert odd.returncode != 0
     assert "grad_accum = 3 of the simulator is not a multiple of [train] processes = 2" in odd.stderr
 
+    config.write_text(body.replace("GRAD_ACCUM", '"2"'))
+    text = run_cli("experiment", config, "--root", tmp_path / "odd")
+    assert text.returncode != 0 and "grad_accum of the simulator must be a whole number, at least 1, not '2'" in text.stderr
+
     config.write_text(body.replace("GRAD_ACCUM", "2"))
+    # A user's default accelerate config (here: one GPU) must not leak into the driver's launch.
+    hf_home = tmp_path / "hf"
+    (hf_home / "accelerate").mkdir(parents=True)
+    (hf_home / "accelerate" / "default_config.yaml").write_text(
+        "compute_environment: LOCAL_MACHINE\ndistributed_type: 'NO'\ngpu_ids: '0'\nnum_machines: 1\n"
+        "num_processes: 1\nmixed_precision: 'no'\nuse_cpu: false\n"
+    )
     root = tmp_path / "run"
-    result = run_cli("experiment", config, "--root", root, "--jobs", "2", env={"CUDA_VISIBLE_DEVICES": ""})
+    result = run_cli("experiment", config, "--root", root, "--jobs", "2",
+                     env={"CUDA_VISIBLE_DEVICES": "", "HF_HOME": str(hf_home)})
     assert result.returncode == 0, result.stderr
     for adapter in ("simulator", "questioner-qa"):
         card = json.loads((root / adapter / "run_card.json").read_text())
         assert (card["processes"], card["effective_batch_size"], card["steps"]) == (2, 2, 2)
     report = (root / "report.md").read_text()
-    assert "accelerate launch --multi_gpu --num_processes 2 --main_process_port 0 -m funnelqa train-simulator" in report
+    assert "accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --gpu_ids all" in report
+    assert "--main_process_port 0 -m funnelqa train-simulator" in report
     assert "--grad-accum 1" in report and "--grad-accum 2" not in report
