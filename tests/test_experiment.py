@@ -220,6 +220,14 @@ max_questions = 2
     text = run_cli("experiment", config, "--root", tmp_path / "odd")
     assert text.returncode != 0 and "grad_accum of the simulator must be a whole number, at least 1, not '2'" in text.stderr
 
+    for mistake, message in (
+        ("[train]\nprocesses = 2\n", "unknown key(s) in [train]: batch_size, grad_accum"),  # options one table too high
+        ("[train.common]\nprocesses = 2\n", "processes is set in [train] itself"),
+    ):
+        config.write_text(body.replace("GRAD_ACCUM", "2").replace("[train]\nprocesses = 2\n[train.common]\n", mistake))
+        wrong = run_cli("experiment", config, "--root", tmp_path / "odd")
+        assert wrong.returncode != 0 and message in wrong.stderr, wrong.stderr
+
     config.write_text(body.replace("GRAD_ACCUM", "2"))
     # A user's default accelerate config (here: one GPU) must not leak into the driver's launch.
     hf_home = tmp_path / "hf"
