@@ -167,12 +167,12 @@ def is_done(stage: Stage) -> bool:
 
 
 def clear_stale(stage: Stage) -> bool:
-    """Remove what ``stage`` made when it finished earlier with another command or other inputs
-    (its stamp is there but differs), so it is redone from scratch rather than resumed from a
-    stale product (simulate would keep every finished interview, a training its finished adapter).
-    Returns True when something was removed."""
+    """For a stage that is not done (``is_done`` is False): remove what it made when it finished
+    earlier, then with another command or other inputs (its stamp is there), so it is redone from
+    scratch rather than resumed from a stale product (simulate would keep every finished interview,
+    a training its finished adapter). Returns True when something was removed."""
     stamp = stamp_path(stage)
-    if not stamp.exists() or is_done(stage):
+    if not stamp.exists():
         return False
     for made in (stage.product, stage.output):
         if made.is_dir():
@@ -289,7 +289,9 @@ def launch(exp: Experiment, stage: Stage, cores: set[int] | None, jobs: int):
     elif stage.processes > 1:
         # The processes share the cores, one thread each at least: threads of one process waiting
         # for each other cost more than they bring (docs/training.md, "Speed on this CPU").
-        env["OMP_NUM_THREADS"] = str(max(1, len(_cores() or range(os.cpu_count() or 1)) // stage.processes))
+        available = _cores()
+        cores_count = len(available) if available else os.cpu_count() or 1
+        env["OMP_NUM_THREADS"] = str(max(1, cores_count // stage.processes))
     log = handle = None
     if jobs > 1:
         log = exp.root / "logs" / (slug(stage.name) + ".log")
